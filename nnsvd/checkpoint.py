@@ -1,0 +1,138 @@
+"""Model checkpoints (safetensors + a JSON structure record) and the dense-model cache.
+
+A checkpoint directory holds ``model.safetensors`` and ``model.json``:
+{"model": <model config>, "layers": [{"name", "shape", "rank", "form"}, …], "meta": {…}}.
+The structure record lets ``load_checkpoint`` rebuild factorized layers before loading the
+weights. Nothing is ever unpickled. Writes are atomic: a temporary sibling is renamed into
+place, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nnsvd.errors import CheckpointError
+from nnsvd.lowrank import PLAIN, SYMMETRIC, SymmetricLowRankLinear, factorized_layers, rebuild_structure
+
+WEIGHTS = "model.safetensors"
+STRUCTURE = "model.json"
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def layer_records(model: nn.Module) -> list[dict]:
+    """The factorized layers of a model as {"name", "shape": [out, in], "rank", "form"}."""
+    return [
+        {
+            "name": name,
+            "shape": [layer.out_features, layer.in_features],
+            "rank": layer.rank,
+            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN,
+        }
+        for name, layer in factorized_layers(model)
+    ]
+
+
+def save_checkpoint(model: nn.Module, directory: Path, model_config: Mapping, meta: Mapping | None = None) -> Path:
+    """Write model.safetensors + model.json into ``directory`` atomically; returns the directory."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        record = {"model": dict(model_config), "layers": layer_records(model), "meta": dict(meta or {})}
+        (tmp / STRUCTURE).write_text(json.dumps(record, indent=2, default=str))
+        if directory.exists():
+            # Only the two checkpoint files are replaced; other files in the directory stay.
+            for name in (WEIGHTS, STRUCTURE):
+                os.replace(tmp / name, directory / name)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_structure(path: str | Path) -> tuple[Path, dict]:
+    """(weights file, structure record) of a checkpoint directory or its model.safetensors."""
+    path = Path(path).expanduser()
+    directory = path if path.is_dir() else path.parent
+    weights, structure = directory / WEIGHTS, directory / STRUCTURE
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={path} does not exist; pass a run directory holding {WEIGHTS}")
+    if not weights.is_file() or not structure.is_file():
+        raise CheckpointError(f"checkpoint={path} needs both {WEIGHTS} and {STRUCTURE} in {directory}")
+    try:
+        record = json.loads(structure.read_text())
+        record["model"], record["layers"]  # noqa: B018 - both keys are required
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint={path}: {structure.name} is corrupt ({exc})") from exc
+    return weights, record
+
+
+def load_checkpoint(path: str | Path, build: Callable[[Mapping], nn.Module], expected: Mapping) -> tuple[nn.Module, dict]:
+    """Rebuild the model recorded at ``path`` and load its weights (strict, never unpickled).
+
+    ``build(model_config)`` constructs the dense architecture; ``expected`` is the current
+    run's model config, which must describe the same architecture.
+    """
+    weights, record = read_structure(path)
+    saved = record["model"]
+    arch_keys = [k for k in expected if k not in ("targets", "dropout", "sample_prompt", "sample_tokens")]
+    diff = {k: (saved.get(k), expected[k]) for k in arch_keys if saved.get(k) != expected[k]}
+    if diff:
+        shown = ", ".join(f"model.{k}={v[0]!r} in the checkpoint but {v[1]!r} here" for k, v in diff.items())
+        raise CheckpointError(f"checkpoint={path} is of another architecture: {shown}")
+    model = build(saved)
+    try:
+        rebuild_structure(model, record["layers"])
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint={path} is corrupt or unreadable: {exc}") from exc
+    own = model.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    bad_shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or bad_shapes:
+        raise CheckpointError(
+            f"checkpoint={path} does not fit the model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, wrong shapes {bad_shapes[:3]}"
+        )
+    model.load_state_dict(state)
+    return model, record
+
+
+# ------------------------------------------------------------------------ dense cache
+
+
+def cache_key(parts: Mapping) -> str:
+    """Stable short hash of the settings that determine a trained dense model."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def locked(path: Path, timeout: float = -1):
+    """Hold an inter-process file lock on ``path`` (parallel sweep jobs share the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=timeout):
+        yield

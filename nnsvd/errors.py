@@ -1,0 +1,21 @@
+"""User-facing errors: each says, in one line, what is wrong and what to change."""
+
+
+class NNSVDError(Exception):
+    """An error caused by input (config, data, checkpoint) rather than by a bug."""
+
+
+class ConfigError(NNSVDError):
+    """A config value that is invalid for this run."""
+
+
+class DataError(NNSVDError):
+    """A dataset that is missing or unreadable."""
+
+
+class CheckpointError(NNSVDError):
+    """A checkpoint that is missing, corrupt, or of another architecture."""
+
+
+class DivergenceError(NNSVDError):
+    """The training loss became NaN or infinite."""

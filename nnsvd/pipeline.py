@@ -1,0 +1,336 @@
+"""The experiment: obtain a model → compress → (fine-tune) → evaluate → report.
+
+``run_job`` is what run.py calls for every Hydra job; ``run_experiment`` is the linear flow.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nnsvd.checkpoint import cache_key, locked
+from nnsvd.counting import param_summary
+from nnsvd.errors import ConfigError, NNSVDError
+from nnsvd.lowrank import RankError, TargetError, compress_model, lowrank_from_scratch, plan_compression
+from nnsvd.tracking import Tracker, flatten, read_results, write_results
+
+log = logging.getLogger("nnsvd")
+
+
+# ------------------------------------------------------------------- settings
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto → cuda, then mps, then cpu; an explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=auto or device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available here; use device=auto or device=cpu")
+    return device
+
+
+def resolve_mode(c: Mapping) -> str:
+    mode = c["mode"] or ("dense" if c["rank"] is None else "compress")
+    if mode in ("compress", "scratch") and c["rank"] is None:
+        raise ConfigError(f"mode={mode} needs a rank: add rank=R (e.g. rank=8)")
+    if mode == "dense" and c["rank"] is not None:
+        raise ConfigError(f"mode=dense takes no rank (got rank={c['rank']}); use mode=compress or mode=scratch")
+    if mode == "scratch" and c["checkpoint"]:
+        raise ConfigError("mode=scratch trains from random init and takes no checkpoint; drop checkpoint=")
+    return mode
+
+
+def absolute(path: str | None, start: Path) -> Path | None:
+    """Relative paths are taken from the directory the command was started in, not Hydra's run dir."""
+    if path is None:
+        return None
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else (start / p).resolve()
+
+
+def regularizer_label(reg: Mapping) -> str:
+    parts = (["symmetric"] if reg["symmetric"] else []) + (["orthonormal"] if reg["alpha"] > 0 else [])
+    return "+".join(parts) or "none"
+
+
+def run_name(c: Mapping, mode: str) -> str:
+    rank = "" if c["rank"] is None else f"-r{c['rank']}"
+    reg = regularizer_label(c["regularizer"])
+    alpha = f"-a{c['regularizer']['alpha']:g}" if c["regularizer"]["alpha"] > 0 else ""
+    return f"{c['model']['name']}-{mode}{rank}-{reg}{alpha}-s{c['seed']}"
+
+
+def make_task(c: Mapping, device: torch.device, start: Path):
+    data_root = absolute(c["data"]["root"], start)
+    cache_dir = absolute(c["cache"]["dir"], start)
+    name = c["model"]["name"]
+    if name == "mlp":
+        from nnsvd.tasks.classification import ClassificationTask
+
+        return ClassificationTask(c, data_root, device, cache_dir)
+    if name == "gpt2":
+        from nnsvd.tasks.language_modeling import LanguageModelingTask
+
+        return LanguageModelingTask(c, data_root, device, cache_dir)
+    raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2")
+
+
+# ------------------------------------------------------------------ the flows
+
+
+def dense_cache_entry(c: Mapping, cache_dir: Path) -> Path:
+    """Cache slot of the dense model trained with this model/data/train config and seed."""
+    data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    model = {k: v for k, v in c["model"].items() if k not in ("targets", "sample_prompt", "sample_tokens")}
+    key = cache_key({"model": model, "data": data, "train": c["train"], "seed": c["seed"]})
+    return cache_dir / "dense" / f"{c['model']['name']}-{key}"
+
+
+def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict):
+    """The trained dense model: from checkpoint=, else from the dense cache, else trained now."""
+    if c["checkpoint"]:
+        path = absolute(c["checkpoint"], start)
+        model, _ = task.load(path)
+        results["dense_source"] = f"checkpoint:{path}"
+        return model
+    if not c["cache"]["dense"]:
+        results["dense_source"] = "trained"
+        return _train_dense(task, c, tracker, results)
+    entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start))
+    with locked(entry):  # parallel jobs wait here instead of training the same model twice
+        if entry.is_dir():
+            model, _ = task.load(entry)
+            results["dense_source"] = f"cache:{entry}"
+            log.info("dense model loaded from cache %s", entry)
+            return model
+        model = _train_dense(task, c, tracker, results)
+        task.save(model, entry, meta={"seed": c["seed"], "train": c["train"]})
+        results["dense_source"] = f"trained, cached at {entry}"
+        log.info("dense model trained and cached at %s", entry)
+        return model
+
+
+def _train_dense(task, c: Mapping, tracker: Tracker, results: dict):
+    torch.manual_seed(c["seed"])
+    model = task.build()
+    if c["train"][task.length_key] > 0:
+        out = task.train(model, c["train"], alpha=0.0, log_fn=_logger(tracker, "dense"), desc="dense", lr_key="train.lr")
+        results["timing"]["train_s"] += out.train_s
+        results["history"]["dense"] = out.history
+    return model
+
+
+def _logger(tracker: Tracker, phase: str):
+    def log_fn(record: dict) -> None:
+        tracker.log({f"{phase}/{k}": v for k, v in record.items()})
+        log.info("%s %s", phase, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    return log_fn
+
+
+def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, results: dict) -> None:
+    """The linear flow. Fills ``results`` in place so a failure keeps what was measured."""
+    mode = results["mode"]
+    reg = c["regularizer"]
+    alpha, symmetric = float(reg["alpha"]), bool(reg["symmetric"])
+    targets, rank = list(c["model"]["targets"]), c["rank"]
+    timing = results["timing"]
+    device = resolve_device(c["device"])
+    results["device"] = str(device)
+
+    task = make_task(c, device, start)  # loads the data: a missing dataset fails here
+    # Validate targets and ranks on the architecture before any training.
+    torch.manual_seed(c["seed"])
+    skeleton = task.build()
+    if mode != "dense":
+        plan_compression(skeleton, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
+    if mode == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
+        log.warning(
+            "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
+            "fine-tuning; set finetune.%s > 0", alpha, task.length_key,
+        )
+        results["regularizer"]["effective"] = False
+
+    metrics = results["metrics"]
+    if mode == "scratch":
+        model = skeleton
+        report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
+        out = task.train(model, c["train"], alpha=alpha, log_fn=_logger(tracker, "train"), desc="scratch", lr_key="train.lr")
+        timing["train_s"] += out.train_s
+        results["history"]["train"] = out.history
+    else:
+        del skeleton
+        model = obtain_dense(task, c, start, tracker, results)
+        report = None
+
+    t = time.perf_counter()
+    final = task.evaluate(model)
+    timing["eval_s"] += time.perf_counter() - t
+
+    if mode == "compress":
+        metrics.update({f"dense_{k}": v for k, v in final.items()})
+        dense = copy.deepcopy(model)
+        t = time.perf_counter()
+        report = compress_model(
+            model, targets, rank, symmetric=symmetric,
+            method=c["compress"]["method"], allow_full_rank=c["compress"]["allow_full_rank"],
+        )
+        timing["compress_s"] = time.perf_counter() - t
+        log.info("compressed %d layers in %.2fs\n%s", len(report.layers), timing["compress_s"], report)
+        t = time.perf_counter()
+        final = task.evaluate(model)
+        timing["eval_s"] += time.perf_counter() - t
+        metrics.update({f"compressed_{k}": v for k, v in final.items()})
+        if c["finetune"][task.length_key] > 0:
+            out = task.train(
+                model, c["finetune"], alpha=alpha, log_fn=_logger(tracker, "finetune"), desc="finetune",
+                lr_key="finetune.lr",
+            )
+            timing["train_s"] += out.train_s
+            results["history"]["finetune"] = out.history
+            t = time.perf_counter()
+            final = task.evaluate(model)
+            timing["eval_s"] += time.perf_counter() - t
+            metrics.update({f"finetuned_{k}": v for k, v in final.items()})
+        if hasattr(task, "bound"):
+            results["bound"] = task.bound(dense, model)
+        del dense
+
+    metrics.update(final)
+    results["params"] = param_summary(model).to_dict()
+    if report is not None:
+        results["layers"] = report.to_rows()
+    if hasattr(task, "sample"):
+        results["sample"] = task.sample(model)
+        tracker.text("sample", results["sample"])
+
+    results["checkpoint"] = str(task.save(model, run_dir, meta={"mode": mode, "rank": rank}))
+
+
+# ------------------------------------------------------------------ the job
+
+
+def _sweep_group(run_dir: Path) -> str:
+    """Every job of one multirun shares a group; a single run is its own group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return "sweep-" + Path(hc.sweep.dir).as_posix().strip("/").replace("/", "_")[-40:]
+    return "run-" + run_dir.name[:60]
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """Run one configured experiment; record it whatever happens.
+
+    Returns the main metric on success. On failure the error is logged as one line,
+    results.json says "failed", the W&B run is marked failed, and — for a single run —
+    the process exits with status 1 (in a multirun the sweep goes on).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    start = Path(hc.runtime.cwd)
+    multirun = hc.mode == RunMode.MULTIRUN
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+    if c["resume"]:
+        previous = read_results(run_dir)
+        if previous and previous.get("status") == "ok":
+            log.info("resume: %s already finished ok; skipping", run_dir)
+            return previous.get("main_metric")
+
+    results: dict = {
+        "status": "running",
+        "error": None,
+        "model": c["model"]["name"],
+        "mode": None,
+        "rank": c["rank"],
+        "regularizer": {
+            "name": c["regularizer"]["name"],
+            "label": regularizer_label(c["regularizer"]),
+            "symmetric": c["regularizer"]["symmetric"],
+            "alpha": c["regularizer"]["alpha"],
+            "effective": True,
+        },
+        "seed": c["seed"],
+        "overrides": list(hc.overrides.task),
+        "metrics": {},
+        "params": {},
+        "bound": None,
+        "layers": [],
+        "timing": {"train_s": 0.0, "compress_s": 0.0, "eval_s": 0.0, "total_s": 0.0},
+        "checkpoint": None,
+        "history": {},
+        "run_dir": str(run_dir),
+    }
+    started = time.perf_counter()
+    tracker = None
+    ok = False
+    try:
+        mode = resolve_mode(c)
+        results["mode"] = mode
+        tracker = Tracker(
+            mode=c["wandb"]["mode"],
+            project=c["wandb"]["project"],
+            entity=c["wandb"]["entity"],
+            group=c["wandb"]["group"] or _sweep_group(run_dir),
+            name=run_name(c, mode),
+            job_type=mode,
+            tags=c["wandb"]["tags"],
+            config=c,
+            run_dir=run_dir,
+        )
+        run_experiment(c, run_dir, start, tracker, results)
+        ok = True
+        results["status"] = "ok"
+    except (NNSVDError, RankError, TargetError) as exc:
+        results["status"], results["error"] = "failed", str(exc)
+        log.error("%s", exc)
+    except KeyboardInterrupt:
+        results["status"], results["error"] = "interrupted", "interrupted by the user"
+        log.error("interrupted")
+    except Exception as exc:  # a bug, not bad input: keep the traceback in the log
+        results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        log.error("failed with %s: %s (traceback in %s)", type(exc).__name__, exc, run_dir / "traceback.txt")
+    finally:
+        results["timing"]["total_s"] = time.perf_counter() - started
+        main = results["metrics"].get("test_acc", results["metrics"].get("test_ppl"))
+        results["main_metric"] = main
+        write_results(run_dir, results)
+        if tracker is not None:
+            if ok:
+                tracker.summary(flatten({k: results[k] for k in ("metrics", "params", "timing")}))
+                if results["bound"]:
+                    tracker.summary(flatten({"bound": results["bound"]}))
+                tracker.table("layers", results["layers"])
+            tracker.finish(ok)
+    if not ok:
+        if multirun:
+            return None
+        sys.exit(1)
+    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})
+    return main

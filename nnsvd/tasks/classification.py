@@ -1,0 +1,113 @@
+"""MNIST classification with the MLP: build, train, evaluate, bound, save and load."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nnsvd.bounds import output_error_bound
+from nnsvd.checkpoint import load_checkpoint, save_checkpoint
+from nnsvd.data.mnist import MNISTSplits, load_mnist
+from nnsvd.models.mlp import MLP
+from nnsvd.train import TrainResult, evaluate_classifier, train_classifier
+
+log = logging.getLogger(__name__)
+
+RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def build_mlp(model_cfg: Mapping) -> MLP:
+    return MLP(
+        in_features=model_cfg["in_features"],
+        hidden=model_cfg["hidden"],
+        num_classes=model_cfg["num_classes"],
+        dropout=model_cfg["dropout"],
+    )
+
+
+def _load_splits(mnist_root: Path, data_cfg: Mapping, seed: int, device: torch.device, cache_dir: Path | None):
+    """MNIST tensors, through a safetensors copy in the cache so later runs skip torchvision."""
+    raw = mnist_root / "MNIST" / "raw"
+    stamp = [(f, (raw / f).stat().st_size) for f in RAW_FILES if (raw / f).exists()]
+    cached = None
+    if cache_dir is not None and len(stamp) == len(RAW_FILES):
+        key = hashlib.sha256(repr((str(raw.resolve()), stamp, data_cfg["val_size"], seed)).encode()).hexdigest()[:16]
+        cached = cache_dir / "mnist" / f"splits-{key}.safetensors"
+        if cached.is_file():
+            try:
+                t = load_file(str(cached), device=str(device))
+                return MNISTSplits(**t)
+            except Exception as exc:  # a damaged cache file is rebuilt, never trusted
+                log.warning("ignoring unreadable MNIST cache %s (%s)", cached, exc)
+    splits = load_mnist(
+        mnist_root, val_size=data_cfg["val_size"], seed=seed, download=data_cfg["download"], device=device
+    )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{id(splits)}.tmp")
+        save_file({k: v.contiguous().cpu() for k, v in vars(splits).items()}, str(tmp))
+        tmp.replace(cached)
+    return splits
+
+
+class ClassificationTask:
+    """The MNIST MLP experiment. Main metric: test accuracy (higher is better)."""
+
+    main_metric = "test_acc"
+    higher_is_better = True
+    length_key = "epochs"
+
+    def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
+        self.model_cfg = cfg["model"]
+        self.eval_batch = cfg["eval"]["batch_size"]
+        self.device = device
+        self.seed = cfg["seed"]
+        self.data = _load_splits(data_root / "mnist", cfg["data"], cfg["seed"], device, cache_dir)
+
+    def build(self) -> nn.Module:
+        return build_mlp(self.model_cfg).to(self.device)
+
+    def train(
+        self, model: nn.Module, train_cfg: Mapping, *, alpha: float, log_fn: Callable[[dict], None], desc: str,
+        lr_key: str, **resume,
+    ) -> TrainResult:
+        d = self.data
+        return train_classifier(
+            model,
+            d.train_x,
+            d.train_y,
+            epochs=train_cfg["epochs"],
+            batch_size=train_cfg["batch_size"],
+            lr=train_cfg["lr"],
+            weight_decay=train_cfg["weight_decay"],
+            alpha=alpha,
+            seed=self.seed,
+            evaluate=lambda m: {"val/acc": evaluate_classifier(m, d.val_x, d.val_y, self.eval_batch)[0]},
+            log=log_fn,
+            desc=desc,
+            lr_key=lr_key,
+            **resume,
+        )
+
+    def evaluate(self, model: nn.Module) -> dict:
+        d = self.data
+        test_acc, test_loss = evaluate_classifier(model, d.test_x, d.test_y, self.eval_batch)
+        val_acc, _ = evaluate_classifier(model, d.val_x, d.val_y, self.eval_batch)
+        return {"test_acc": test_acc, "test_loss": test_loss, "val_acc": val_acc}
+
+    def bound(self, dense: nn.Module, compressed: nn.Module) -> dict:
+        """Measured output error and both Lipschitz bounds over the test set (mean and max)."""
+        return output_error_bound(dense.linear_layers(), compressed.linear_layers(), self.data.test_x).summary()
+
+    def save(self, model: nn.Module, directory: Path, meta: Mapping | None = None) -> Path:
+        return save_checkpoint(model, directory, self.model_cfg, meta)
+
+    def load(self, path: str | Path) -> tuple[nn.Module, dict]:
+        model, record = load_checkpoint(path, build_mlp, self.model_cfg)
+        return model.to(self.device), record

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from nnsvd.lowrank import linear_weight
+from nnsvd.lowrank import LowRankLinear, SymmetricLowRankLinear, linear_weight
 
 Activation = Callable[[Tensor], Tensor]
 
@@ -58,7 +58,14 @@ def _weights(layers: Sequence[nn.Module]) -> list[tuple[Tensor, Tensor]]:
     out = []
     for layer in layers:
         W, b = linear_weight(layer)
-        W = W.detach().double()
+        # A factorized layer's product is formed in float64 from its factors: dense_weight() in
+        # the factors' dtype would round it (float32: ~1e-7) and bound a slightly different network.
+        if isinstance(layer, LowRankLinear):
+            W = layer.A.detach().double() @ layer.B.detach().double()
+        elif isinstance(layer, SymmetricLowRankLinear):
+            W = layer.B.detach().double() @ layer.B.detach().double().T
+        else:
+            W = W.detach().double()
         b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device) if b is None else b.detach().double()
         out.append((W, b))
     return out

@@ -76,7 +76,8 @@ class ParamSummary:
 def param_summary(model: nn.Module) -> ParamSummary:
     """Counts of the model against its dense equivalent, read off its factorized layers."""
     layers = [m for _, m in factorized_layers(model)]
-    targets = sum(count_params(m) for m in layers)
+    # parameters shared between factorized layers (tied factors) count once, as in count_params
+    targets = count_params(nn.ModuleList(layers))
     dense_targets = sum(_dense_params(m) for m in layers)
     total, macs = count_params(model), count_macs(model)
     return ParamSummary(

@@ -27,6 +27,10 @@ class RankError(ValueError):
     """A rank that is not a positive integer, or that saves no parameters for a layer."""
 
 
+class TargetError(ValueError):
+    """A target pattern that matches no layer, or a symmetric request with no square target."""
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -186,6 +190,11 @@ def _split_sqrt(U: Tensor, S: Tensor, V: Tensor) -> Factors:
     return Factors(U * root, root[:, None] * V.T)
 
 
+def _transposed(f: Factors) -> Factors:
+    """Factors of Wᵀ turned into factors of W: (A·B)ᵀ = Bᵀ·Aᵀ."""
+    return Factors(f.B.T, f.A.T, f.singular_values, f.fro_error)
+
+
 def _tail(S: Tensor, rank: int) -> float:
     """√(Σ_{i>r} σ_i²): the Eckart–Young Frobenius error of the best rank-r approximation."""
     return float(S[rank:].square().sum().sqrt())
@@ -194,8 +203,7 @@ def _tail(S: Tensor, rank: int) -> float:
 def svd_full(W: Tensor, rank: int) -> Factors:
     """Exact truncated SVD through torch.linalg.svd (computed on the tall orientation)."""
     if W.shape[0] < W.shape[1]:
-        f = svd_full(W.T, rank)
-        return Factors(f.B.T, f.A.T, f.singular_values)
+        return _transposed(svd_full(W.T, rank))
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     f = _split_sqrt(U[:, :rank], S[:rank], Vh[:rank].T)
     f.singular_values, f.fro_error = S, _tail(S, rank)
@@ -212,8 +220,7 @@ def svd_gram(W: Tensor, rank: int) -> Factors:
     contribute nothing measurable to the truncation.
     """
     if W.shape[0] < W.shape[1]:
-        f = svd_gram(W.T, rank)
-        return Factors(f.B.T, f.A.T, f.singular_values)
+        return _transposed(svd_gram(W.T, rank))
     evals, evecs = torch.linalg.eigh(W.T @ W)
     S = evals.flip(0).clamp_min(0).sqrt()
     V = evecs[:, -rank:].flip(1) if rank > 0 else evecs[:, :0]
@@ -231,8 +238,19 @@ def svd_randomized(W: Tensor, rank: int, oversample: int | None = None, niter: i
     """
     p = max(rank, 10) if oversample is None else oversample
     q = min(rank + p, min(W.shape))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    # Seed (and fork) only the generator the sketch draws from: torch.manual_seed would also
+    # reseed every CUDA device (or queue that reseed until CUDA starts), which fork_rng(devices=[])
+    # does not undo.
+    accel = W.device.type != "cpu"
+    with torch.random.fork_rng(
+        devices=[W.device] if accel else [], device_type=W.device.type if accel else None
+    ):
+        if accel:
+            mod = torch.get_device_module(W.device.type)
+            with mod.device(W.device):
+                mod.manual_seed(0)
+        else:
+            torch.random.default_generator.manual_seed(0)
         U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
     f = _split_sqrt(U[:, :rank], S[:rank], V[:, :rank])
     f.singular_values = S
@@ -318,16 +336,14 @@ def validate_rank(
 ) -> int:
     """Return rank as int, or raise RankError naming the layer, its shape and the allowed range."""
     out_f, in_f = shape
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise RankError(f"rank={rank!r} for layer '{name}' must be an integer ≥ 1")
     form = "symmetric" if symmetric else "low-rank"
     limit = min(shape) if allow_full_rank else max_useful_rank(out_f, in_f, symmetric)
+    why = "" if allow_full_rank else " (larger ranks save no parameters)"
+    where = f"layer '{name}' of shape {out_f}×{in_f} ({form} form): allowed 1 ≤ rank ≤ {limit}{why}"
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise RankError(f"rank={rank!r} is not an integer for {where}")
     if not 1 <= rank <= limit:
-        why = "" if allow_full_rank else " (larger ranks save no parameters)"
-        raise RankError(
-            f"rank={rank} is out of range for layer '{name}' of shape {out_f}×{in_f} "
-            f"({form} form): allowed 1 ≤ rank ≤ {limit}{why}"
-        )
+        raise RankError(f"rank={rank} is out of range for {where}")
     return rank
 
 
@@ -405,28 +421,32 @@ def find_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
         patterns = [patterns]
     patterns = list(patterns)
     if not patterns:
-        raise ValueError("targets is empty: name at least one layer pattern, e.g. ['l1', 'l2']")
+        raise TargetError("targets is empty: name at least one layer pattern, e.g. ['l1', 'l2']")
     candidates = [n for n, m in model.named_modules() if n and is_factorizable(m)]
     names: list[str] = []
     for pattern in patterns:
         hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             shown = ", ".join(candidates[:8]) + (" …" if len(candidates) > 8 else "")
-            raise ValueError(
+            raise TargetError(
                 f"target pattern {pattern!r} matches no Linear/Conv1D layer; layers are: {shown}"
             )
         names += [n for n in hits if n not in names]
     return names
 
 
-def _plan(
+def plan_compression(
     model: nn.Module,
     targets: Iterable[str],
     rank: int | Mapping[str, int],
     symmetric: bool,
     allow_full_rank: bool,
 ) -> list[tuple[str, nn.Module, int, str]]:
-    """Resolve targets, forms and ranks, validating everything before any work."""
+    """[(name, module, rank, form)] for the targets, validating every rank before any work.
+
+    Raises TargetError for a pattern that matches nothing or symmetric with no square
+    target, and RankError for a rank that is not useful for some layer.
+    """
     plan = []
     for name in find_targets(model, targets):
         module = model.get_submodule(name)
@@ -438,7 +458,7 @@ def _plan(
         plan.append((name, module, r, form))
     if symmetric and not any(form == SYMMETRIC for *_, form in plan):
         shapes = ", ".join(f"{n} {tuple(linear_weight(m)[0].shape)}" for n, m, *_ in plan)
-        raise ValueError(f"symmetric form needs a square target layer, but none is: {shapes}")
+        raise TargetError(f"symmetric form needs a square target layer, but none is: {shapes}")
     return plan
 
 
@@ -451,16 +471,22 @@ def _rank_for(name: str, rank: int | Mapping[str, int]) -> object:
     raise RankError(f"no rank given for layer '{name}': add a pattern matching it to rank")
 
 
-def _new_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
-    """An (initialized) factorized layer of the given form with ``like``'s shape, device, dtype, bias."""
+def _new_layer(form: str, like: nn.Module, rank: int, init: bool = True) -> FactorizedLayer:
+    """A factorized layer of the given form with ``like``'s shape, device, dtype and bias.
+
+    init=False leaves the parameters uninitialized (they are about to be overwritten), which
+    also leaves the global RNG untouched.
+    """
     W, bias = linear_weight(like)
     out_f, in_f = W.shape
     kw = {"device": W.device, "dtype": W.dtype, "bias": bias is not None}
     if form == SYMMETRIC:
-        return SymmetricLowRankLinear(in_f, rank, **kw)
-    if form == PLAIN:
-        return LowRankLinear(in_f, out_f, rank, **kw)
-    raise ValueError(f"unknown form {form!r}; allowed: {PLAIN}, {SYMMETRIC}")
+        cls, args = SymmetricLowRankLinear, (in_f, rank)
+    elif form == PLAIN:
+        cls, args = LowRankLinear, (in_f, out_f, rank)
+    else:
+        raise ValueError(f"unknown form {form!r}; allowed: {PLAIN}, {SYMMETRIC}")
+    return cls(*args, **kw) if init else nn.utils.skip_init(cls, *args, **kw)
 
 
 def _params(module: nn.Module) -> int:
@@ -486,7 +512,7 @@ def compress_model(
     Factorizer; ``calibration[name]`` is passed to it as ``calibration=`` for data-aware
     methods. allow_full_rank: admit r = min(m, n) (tests and analysis only).
     """
-    plan = _plan(model, targets, rank, symmetric, allow_full_rank)
+    plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
     factorizer = resolve_factorizer(method)
     method_name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     report = CompressionReport()
@@ -494,7 +520,7 @@ def compress_model(
         start = time.perf_counter()
         W, bias = linear_weight(module)
         out_f, in_f = W.shape
-        new = _new_layer(form, module, r)
+        new = _new_layer(form, module, r, init=False)
         sigma_r1 = None
         W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
         if form == SYMMETRIC:
@@ -540,7 +566,7 @@ def lowrank_from_scratch(
     allow_full_rank: bool = False,
 ) -> CompressionReport:
     """Replace target layers by randomly initialized factorized layers (for training from scratch)."""
-    plan = _plan(model, targets, rank, symmetric, allow_full_rank)
+    plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
     report = CompressionReport()
     for name, module, r, form in plan:
         new = _new_layer(form, module, r)
@@ -571,4 +597,4 @@ def rebuild_structure(model: nn.Module, layers: Sequence[Mapping]) -> None:
             raise ValueError(
                 f"layer '{name}' is {shape[0]}×{shape[1]} in this model but {out_f}×{in_f} in the checkpoint"
             )
-        model.set_submodule(name, _new_layer(form, old, r))
+        model.set_submodule(name, _new_layer(form, old, r, init=False))

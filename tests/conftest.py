@@ -31,3 +31,36 @@ def data_root(tmp_path_factory) -> Path:
         if (TEST_DATA / name).exists():
             (root / name).symlink_to(TEST_DATA / name)
     return root
+
+
+def run_cli(args: list[str], run_dir: Path, *, data_root: Path | None = None, cache: Path | None = None,
+            env: dict | None = None, check: bool = True, multirun: bool = False, timeout: int = 600):
+    """Run ``python run.py ARGS`` as a user would, with its output under run_dir.
+
+    Returns (completed process, results.json as dict or None).
+    """
+    import json
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    full_env.pop("WANDB_API_KEY", None)
+    if data_root is not None:
+        full_env["NNSVD_DATA_ROOT"] = str(data_root)
+    for key, value in (env or {}).items():  # None removes a variable
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    extra = [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
+    if cache is not None:
+        extra.append(f"cache.dir={cache}")
+    if not any(a.startswith("wandb.mode=") for a in args):
+        extra.append("wandb.mode=disabled")
+    cmd = [sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *args, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    results_file = run_dir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else None
+    return proc, results

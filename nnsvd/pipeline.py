@@ -21,7 +21,7 @@ from nnsvd.checkpoint import cache_key, locked
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import RankError, TargetError, compress_model, lowrank_from_scratch, plan_compression
-from nnsvd.tracking import Tracker, flatten, read_results, write_results
+from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
 
@@ -229,17 +229,6 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
 # ------------------------------------------------------------------ the job
 
 
-def _sweep_group(run_dir: Path) -> str:
-    """Every job of one multirun shares a group; a single run is its own group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
-        return "sweep-" + Path(hc.sweep.dir).as_posix().strip("/").replace("/", "_")[-40:]
-    return "run-" + run_dir.name[:60]
-
-
 def run_job(cfg: DictConfig) -> float | None:
     """Run one configured experiment; record it whatever happens.
 
@@ -296,7 +285,7 @@ def run_job(cfg: DictConfig) -> float | None:
             mode=c["wandb"]["mode"],
             project=c["wandb"]["project"],
             entity=c["wandb"]["entity"],
-            group=c["wandb"]["group"] or _sweep_group(run_dir),
+            group=c["wandb"]["group"] or wandb_group(hc.sweep.dir if multirun else None, run_dir),
             name=run_name(c, mode),
             job_type=mode,
             tags=c["wandb"]["tags"],

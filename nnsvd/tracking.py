@@ -14,6 +14,15 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 
 
+def wandb_group(sweep_dir: str | Path | None, run_dir: Path | None = None) -> str:
+    """The W&B group: every job of one multirun (and its summary run) shares the sweep's;
+    a single run is a group of its own."""
+    if sweep_dir is not None:
+        parts = Path(sweep_dir).resolve().parts
+        return "sweep-" + "_".join(parts[-3:])[-60:]
+    return "run-" + Path(run_dir).name[:60]
+
+
 def read_results(run_dir: Path) -> dict | None:
     import json
 

@@ -136,3 +136,49 @@ def locked(path: Path, timeout: float = -1):
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=timeout):
         yield
+
+
+# --------------------------------------------------------------- training state
+
+RESUME_DIR = "interrupted"
+TRAINER = "trainer.pt"
+
+
+def save_train_state(run_dir: Path, phase: str, model: nn.Module, model_config: Mapping, trainer: Mapping) -> Path:
+    """Save an interrupted training phase: weights + structure, and the optimizer/RNG/history.
+
+    ``trainer`` holds only tensors, numbers, strings, lists and dicts, so it loads back with
+    ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+    """
+    import torch
+
+    directory = save_checkpoint(model, Path(run_dir) / RESUME_DIR, model_config, meta={"phase": phase})
+    tmp = directory / f".{TRAINER}.tmp"
+    torch.save({"phase": phase, **trainer}, tmp)
+    os.replace(tmp, directory / TRAINER)
+    return directory
+
+
+def load_train_state(run_dir: Path, phase: str, model: nn.Module) -> dict | None:
+    """If ``run_dir`` holds an interrupted ``phase``, load its weights into ``model`` (whose
+    structure must match) and return the trainer state; else None."""
+    import torch
+
+    directory = Path(run_dir) / RESUME_DIR
+    if not (directory / TRAINER).is_file():
+        return None
+    try:
+        trainer = torch.load(directory / TRAINER, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"the interrupted-training state in {directory} is unreadable ({exc}); delete it") from exc
+    if trainer.get("phase") != phase:
+        return None
+    _, record = read_structure(directory)
+    state = load_file(str(directory / WEIGHTS))
+    rebuild_structure(model, record["layers"])
+    model.load_state_dict(state)
+    return trainer
+
+
+def clear_train_state(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / RESUME_DIR, ignore_errors=True)

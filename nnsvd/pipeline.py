@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -17,13 +19,19 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nnsvd.checkpoint import cache_key, locked
+from nnsvd.checkpoint import cache_key, clear_train_state, load_train_state, locked, save_train_state
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import RankError, TargetError, compress_model, lowrank_from_scratch, plan_compression
 from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
+
+STOP = threading.Event()  # set by SIGTERM/SIGINT: training stops at the next boundary
+
+
+class Interrupted(Exception):
+    """Training was stopped by a signal; its state is saved for resume=true."""
 
 
 # ------------------------------------------------------------------- settings
@@ -105,7 +113,7 @@ def dense_cache_entry(c: Mapping, cache_dir: Path) -> Path:
     return cache_dir / "dense" / f"{c['model']['name']}-{key}"
 
 
-def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict):
+def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict, run_dir: Path):
     """The trained dense model: from checkpoint=, else from the dense cache, else trained now."""
     if c["checkpoint"]:
         path = absolute(c["checkpoint"], start)
@@ -114,7 +122,7 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict)
         return model
     if not c["cache"]["dense"]:
         results["dense_source"] = "trained"
-        return _train_dense(task, c, tracker, results)
+        return _train_dense(task, c, tracker, results, run_dir)
     entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start))
     with locked(entry):  # parallel jobs wait here instead of training the same model twice
         if entry.is_dir():
@@ -122,21 +130,51 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict)
             results["dense_source"] = f"cache:{entry}"
             log.info("dense model loaded from cache %s", entry)
             return model
-        model = _train_dense(task, c, tracker, results)
+        model = _train_dense(task, c, tracker, results, run_dir)
         task.save(model, entry, meta={"seed": c["seed"], "train": c["train"]})
         results["dense_source"] = f"trained, cached at {entry}"
         log.info("dense model trained and cached at %s", entry)
         return model
 
 
-def _train_dense(task, c: Mapping, tracker: Tracker, results: dict):
+def _train_dense(task, c: Mapping, tracker: Tracker, results: dict, run_dir: Path):
     torch.manual_seed(c["seed"])
     model = task.build()
     if c["train"][task.length_key] > 0:
-        out = task.train(model, c["train"], alpha=0.0, log_fn=_logger(tracker, "dense"), desc="dense", lr_key="train.lr")
-        results["timing"]["train_s"] += out.train_s
-        results["history"]["dense"] = out.history
+        train_phase(task, model, "dense", c["train"], 0.0, tracker, results, run_dir, c["resume"])
     return model
+
+
+def train_phase(
+    task, model, phase: str, train_cfg: Mapping, alpha: float, tracker: Tracker, results: dict, run_dir: Path,
+    resume: bool,
+):
+    """Train ``model`` for one phase (dense, scratch, finetune), resumable after a signal.
+
+    With resume, a state saved by an interrupted run of this phase is loaded first (weights,
+    optimizer, RNG, epochs done), so the result equals an uninterrupted run's.
+    """
+    kw = {"should_stop": STOP.is_set}
+    saved = load_train_state(run_dir, phase, model) if resume else None
+    if saved is not None:
+        from nnsvd.train import TrainState
+
+        torch.set_rng_state(saved["rng"])
+        kw.update(state=TrainState(epoch=saved["epoch"], history=saved["history"]), optimizer_state=saved["optimizer"])
+        log.info("resuming %s training after epoch %d from %s", phase, saved["epoch"], run_dir)
+    lr_key = "finetune.lr" if phase == "finetune" else "train.lr"
+    out = task.train(model, train_cfg, alpha=alpha, log_fn=_logger(tracker, phase), desc=phase, lr_key=lr_key, **kw)
+    results["timing"]["train_s"] += out.train_s
+    results["history"][phase] = out.history
+    if out.interrupted:
+        trainer = {"epoch": out.epochs, "history": out.history, "optimizer": out.optimizer_state,
+                   "rng": torch.get_rng_state()}
+        where = save_train_state(run_dir, phase, model, task.model_cfg, trainer)
+        raise Interrupted(
+            f"{phase} training stopped after {out.epochs} epochs; state saved in {where}. "
+            f"Continue with the same command plus resume=true (and hydra.run.dir={run_dir} for a single run)"
+        )
+    return out
 
 
 def _logger(tracker: Tracker, phase: str):
@@ -174,12 +212,10 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
     if mode == "scratch":
         model = skeleton
         report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
-        out = task.train(model, c["train"], alpha=alpha, log_fn=_logger(tracker, "train"), desc="scratch", lr_key="train.lr")
-        timing["train_s"] += out.train_s
-        results["history"]["train"] = out.history
+        train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
     else:
         del skeleton
-        model = obtain_dense(task, c, start, tracker, results)
+        model = obtain_dense(task, c, start, tracker, results, run_dir)
         report = None
 
     t = time.perf_counter()
@@ -201,12 +237,7 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         timing["eval_s"] += time.perf_counter() - t
         metrics.update({f"compressed_{k}": v for k, v in final.items()})
         if c["finetune"][task.length_key] > 0:
-            out = task.train(
-                model, c["finetune"], alpha=alpha, log_fn=_logger(tracker, "finetune"), desc="finetune",
-                lr_key="finetune.lr",
-            )
-            timing["train_s"] += out.train_s
-            results["history"]["finetune"] = out.history
+            train_phase(task, model, "finetune", c["finetune"], alpha, tracker, results, run_dir, c["resume"])
             t = time.perf_counter()
             final = task.evaluate(model)
             timing["eval_s"] += time.perf_counter() - t
@@ -224,9 +255,33 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         tracker.text("sample", results["sample"])
 
     results["checkpoint"] = str(task.save(model, run_dir, meta={"mode": mode, "rank": rank}))
+    clear_train_state(run_dir)
 
 
 # ------------------------------------------------------------------ the job
+
+
+def _install_stop_handlers():
+    """SIGTERM (how SLURM preempts) and SIGINT ask training to stop and save; a second SIGINT
+    stops at once. Returns a function that restores the previous handlers."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def request_stop(signum, frame):
+        if STOP.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s received: stopping at the next epoch boundary and saving the state",
+                    signal.Signals(signum).name)
+        STOP.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -278,6 +333,7 @@ def run_job(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     tracker = None
     ok = False
+    restore = _install_stop_handlers()
     try:
         mode = resolve_mode(c)
         results["mode"] = mode
@@ -298,8 +354,11 @@ def run_job(cfg: DictConfig) -> float | None:
     except (NNSVDError, RankError, TargetError) as exc:
         results["status"], results["error"] = "failed", str(exc)
         log.error("%s", exc)
+    except Interrupted as exc:
+        results["status"], results["error"] = "interrupted", str(exc)
+        log.error("%s", exc)
     except KeyboardInterrupt:
-        results["status"], results["error"] = "interrupted", "interrupted by the user"
+        results["status"], results["error"] = "interrupted", "interrupted before training could save its state"
         log.error("interrupted")
     except Exception as exc:  # a bug, not bad input: keep the traceback in the log
         results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
@@ -317,6 +376,7 @@ def run_job(cfg: DictConfig) -> float | None:
                     tracker.summary(flatten({"bound": results["bound"]}))
                 tracker.table("layers", results["layers"])
             tracker.finish(ok)
+        restore()
     if not ok:
         if multirun:
             return None

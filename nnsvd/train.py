@@ -32,6 +32,7 @@ class TrainResult:
     epochs: int
     history: list[dict]
     interrupted: bool = False
+    optimizer_state: dict | None = None  # set when interrupted, to continue later
 
 
 def _progress_enabled() -> bool:
@@ -64,13 +65,14 @@ def train_classifier(
     state: TrainState | None = None,
     optimizer_state: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_epoch_end: Callable[[TrainState, torch.optim.Optimizer], None] | None = None,
 ) -> TrainResult:
     """Adam on cross-entropy + alpha·orthonormal_penalty, mini-batches from device tensors.
 
     The epoch permutation comes from a generator seeded with (seed, epoch), so training can
     stop after any epoch and continue with identical results (given ``state`` and
     ``optimizer_state``). ``evaluate(model)`` runs after every epoch; its dict is logged.
+    ``should_stop()`` is checked before each epoch: when it says so, training returns
+    with ``interrupted=True`` and the optimizer state.
     """
     state = state or TrainState()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -112,13 +114,15 @@ def train_classifier(
         state.history.append(record)
         if log is not None:
             log(record)
-        if on_epoch_end is not None:
-            on_epoch_end(state, optimizer)
         bar.update(1)
         bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
     bar.close()
     return TrainResult(
-        train_s=time.perf_counter() - start, epochs=state.epoch, history=state.history, interrupted=interrupted
+        train_s=time.perf_counter() - start,
+        epochs=state.epoch,
+        history=state.history,
+        interrupted=interrupted,
+        optimizer_state=optimizer.state_dict() if interrupted else None,
     )
 
 

@@ -16,4 +16,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from nnsvd.callbacks import sweep_failed
+
     main()
+    # A sweep runs every job even when some fail; its exit status then says so.
+    sys.exit(1 if sweep_failed() else 0)

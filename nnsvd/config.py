@@ -64,7 +64,7 @@ class GPT2ModelConfig:
     sample_tokens: int = 30
 
 
-DATA_ROOT = "${oc.env:NNSVD_DATA_ROOT,data}"
+DATA_ROOT = "${oc.env:NNSVD_DATA_ROOT,./data}"
 
 
 @dataclass

@@ -28,6 +28,7 @@ from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_re
 log = logging.getLogger("nnsvd")
 
 STOP = threading.Event()  # set by SIGTERM/SIGINT: training stops at the next boundary
+_received: list[int] = []  # the signals that set it
 
 
 class Interrupted(Exception):
@@ -87,9 +88,23 @@ def run_name(c: Mapping, mode: str) -> str:
     return f"{c['model']['name']}-{mode}{rank}-{reg}{alpha}-s{c['seed']}"
 
 
+def _local_or_name(value: str | None, start: Path) -> str | None:
+    """A path that exists relative to the start directory becomes absolute; a Hub name stays."""
+    if value is None:
+        return None
+    path = absolute(value, start)
+    return str(path) if path.exists() or value.startswith((".", "/", "~")) else value
+
+
 def make_task(c: Mapping, device: torch.device, start: Path):
     data_root = absolute(c["data"]["root"], start)
     cache_dir = absolute(c["cache"]["dir"], start)
+    for key in ("train_file", "validation_file", "test_file"):
+        if c["data"].get(key):
+            c["data"][key] = str(absolute(c["data"][key], start))
+    for key in ("name_or_path", "tokenizer"):
+        if key in c["model"]:
+            c["model"][key] = _local_or_name(c["model"][key], start)
     name = c["model"]["name"]
     if name == "mlp":
         from nnsvd.tasks.classification import ClassificationTask
@@ -120,6 +135,9 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
         model, _ = task.load(path)
         results["dense_source"] = f"checkpoint:{path}"
         return model
+    if c["train"][task.length_key] == 0:  # nothing to train (e.g. pretrained GPT-2): nothing to cache
+        results["dense_source"] = "built"
+        return _train_dense(task, c, tracker, results, run_dir)
     if not c["cache"]["dense"]:
         results["dense_source"] = "trained"
         return _train_dense(task, c, tracker, results, run_dir)
@@ -131,7 +149,9 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
             log.info("dense model loaded from cache %s", entry)
             return model
         model = _train_dense(task, c, tracker, results, run_dir)
-        task.save(model, entry, meta={"seed": c["seed"], "train": c["train"]})
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
+        task.save(model, tmp, meta={"seed": c["seed"], "train": c["train"]})
+        os.replace(tmp, entry)
         results["dense_source"] = f"trained, cached at {entry}"
         log.info("dense model trained and cached at %s", entry)
         return model
@@ -265,6 +285,7 @@ def _install_stop_handlers():
     """SIGTERM (how SLURM preempts) and SIGINT ask training to stop and save; a second SIGINT
     stops at once. Returns a function that restores the previous handlers."""
     STOP.clear()
+    _received.clear()
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
@@ -273,6 +294,7 @@ def _install_stop_handlers():
             raise KeyboardInterrupt
         log.warning("%s received: stopping at the next epoch boundary and saving the state",
                     signal.Signals(signum).name)
+        _received.append(signum)
         STOP.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -379,6 +401,8 @@ def run_job(cfg: DictConfig) -> float | None:
         restore()
     if not ok:
         if multirun:
+            if signal.SIGINT in _received:
+                raise KeyboardInterrupt  # Ctrl-C stops the whole sweep; resume=true picks it up
             return None
         sys.exit(1)
     log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})

@@ -18,7 +18,8 @@ def wandb_group(sweep_dir: str | Path | None, run_dir: Path | None = None) -> st
     """The W&B group: every job of one multirun (and its summary run) shares the sweep's;
     a single run is a group of its own."""
     if sweep_dir is not None:
-        parts = Path(sweep_dir).resolve().parts
+        path = Path(sweep_dir).resolve()
+        parts = path.parts[len(path.anchor and (path.anchor,)):]  # without the root "/"
         return "sweep-" + "_".join(parts[-3:])[-60:]
     return "run-" + Path(run_dir).name[:60]
 

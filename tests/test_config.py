@@ -36,7 +36,7 @@ def test_defaults_are_the_original_recipe():
 @pytest.mark.parametrize("regularizer", _options("regularizer"))
 def test_every_model_and_regularizer_composes(model, regularizer):
     cfg = _compose(f"model={model}", f"regularizer={regularizer}", "rank=4")
-    assert cfg.model.name == model and cfg.regularizer.name == regularizer
+    assert cfg.model.name == model.split("_")[0] and cfg.regularizer.name == regularizer
     assert cfg.rank == 4
 
 
@@ -58,6 +58,22 @@ def test_gpt2_selects_its_own_data_and_schedule():
     assert len(cfg.model.targets) == 4
     cfg = _compose("model=gpt2", "data=text_files")  # the command line wins over the model's choice
     assert cfg.data.name == "text_files" and cfg.data.train_file.endswith("wikitext-2-raw/wiki.train.raw")
+
+
+def test_tiny_gpt2_is_offline_and_one_override_from_pretrained():
+    cfg = _compose("experiment=gpt2_rank_sweep")
+    assert cfg.model.pretrained is False and cfg.data.name == "text_files" and cfg.train.steps > 0
+    assert cfg.model.tokenizer.endswith("/gpt2-tokenizer")
+    cfg = _compose("experiment=gpt2_rank_sweep", "model=gpt2")
+    assert cfg.model.pretrained is True and cfg.model.name_or_path == "gpt2" and cfg.data.name == "wikitext2"
+
+
+@pytest.mark.parametrize("cell", _options("cell"))
+def test_every_seed_table_cell_composes(cell):
+    cfg = _compose("experiment=seed_mlp_table", f"+cell={cell}")
+    assert cfg.model.name == "mlp" and cfg.mode.value in cell
+    assert (cfg.rank is None) == (cell == "dense")
+    assert cfg.regularizer.symmetric == ("symmetric" in cell) and (cfg.regularizer.alpha > 0) == ("orthonormal" in cell)
 
 
 def test_regularizers_compose_symmetric_plus_orthonormal():

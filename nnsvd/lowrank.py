@@ -426,6 +426,12 @@ def find_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     names: list[str] = []
     for pattern in patterns:
         hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
+        done = [n for n, m in factorized_layers(model) if fnmatch.fnmatchcase(n, pattern)]
+        if not hits and done:
+            raise TargetError(
+                f"target pattern {pattern!r} matches only layers that are already factorized ({', '.join(done[:4])}); "
+                "evaluate a compressed model with rank=null"
+            )
         if not hits:
             shown = ", ".join(candidates[:8]) + (" …" if len(candidates) > 8 else "")
             raise TargetError(

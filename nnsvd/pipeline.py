@@ -128,19 +128,14 @@ def dense_cache_entry(c: Mapping, cache_dir: Path) -> Path:
     return cache_dir / "dense" / f"{c['model']['name']}-{key}"
 
 
-def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict, run_dir: Path):
-    """The trained dense model: from checkpoint=, else from the dense cache, else trained now."""
-    if c["checkpoint"]:
-        path = absolute(c["checkpoint"], start)
-        model, _ = task.load(path)
-        results["dense_source"] = f"checkpoint:{path}"
-        return model
+def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict, run_dir: Path, fresh):
+    """The trained dense model: from the dense cache, else ``fresh`` (a just-built model) trained now."""
     if c["train"][task.length_key] == 0:  # nothing to train (e.g. pretrained GPT-2): nothing to cache
         results["dense_source"] = "built"
-        return _train_dense(task, c, tracker, results, run_dir)
+        return fresh
     if not c["cache"]["dense"]:
         results["dense_source"] = "trained"
-        return _train_dense(task, c, tracker, results, run_dir)
+        return _train_dense(task, fresh, c, tracker, results, run_dir)
     entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start))
     with locked(entry):  # parallel jobs wait here instead of training the same model twice
         if entry.is_dir():
@@ -148,7 +143,7 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
             results["dense_source"] = f"cache:{entry}"
             log.info("dense model loaded from cache %s", entry)
             return model
-        model = _train_dense(task, c, tracker, results, run_dir)
+        model = _train_dense(task, fresh, c, tracker, results, run_dir)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
         task.save(model, tmp, meta={"seed": c["seed"], "train": c["train"]})
         os.replace(tmp, entry)
@@ -157,12 +152,8 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
         return model
 
 
-def _train_dense(task, c: Mapping, tracker: Tracker, results: dict, run_dir: Path):
-    torch.manual_seed(c["seed"])
-    model = task.build()
-    if c["train"][task.length_key] > 0:
-        train_phase(task, model, "dense", c["train"], 0.0, tracker, results, run_dir, c["resume"])
-    return model
+def _train_dense(task, model, c: Mapping, tracker: Tracker, results: dict, run_dir: Path):
+    return train_phase(task, model, "dense", c["train"], 0.0, tracker, results, run_dir, c["resume"])
 
 
 def train_phase(
@@ -175,7 +166,7 @@ def train_phase(
     optimizer, RNG, epochs done), so the result equals an uninterrupted run's.
     """
     kw = {"should_stop": STOP.is_set}
-    saved = load_train_state(run_dir, phase, model) if resume else None
+    saved = load_train_state(run_dir, phase, model) if resume else None  # loads the weights into model
     if saved is not None:
         from nnsvd.train import TrainState
 
@@ -194,7 +185,7 @@ def train_phase(
             f"{phase} training stopped after {out.epochs} epochs; state saved in {where}. "
             f"Continue with the same command plus resume=true (and hydra.run.dir={run_dir} for a single run)"
         )
-    return out
+    return model
 
 
 def _logger(tracker: Tracker, phase: str):
@@ -216,11 +207,16 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
     results["device"] = str(device)
 
     task = make_task(c, device, start)  # loads the data: a missing dataset fails here
-    # Validate targets and ranks on the architecture before any training.
     torch.manual_seed(c["seed"])
-    skeleton = task.build()
+    if c["checkpoint"]:
+        path = absolute(c["checkpoint"], start)
+        model, _ = task.load(path)
+        results["dense_source"] = f"checkpoint:{path}"
+    else:
+        model = task.build()  # random init (or pretrained): the model trained below
+    # Validate targets and ranks on the architecture before any training.
     if mode != "dense":
-        plan_compression(skeleton, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
+        plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
     if mode == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
@@ -229,14 +225,12 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         results["regularizer"]["effective"] = False
 
     metrics = results["metrics"]
+    report = None
     if mode == "scratch":
-        model = skeleton
         report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
-        train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
-    else:
-        del skeleton
-        model = obtain_dense(task, c, start, tracker, results, run_dir)
-        report = None
+        model = train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
+    elif not c["checkpoint"]:
+        model = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
 
     t = time.perf_counter()
     final = task.evaluate(model)
@@ -244,7 +238,7 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
 
     if mode == "compress":
         metrics.update({f"dense_{k}": v for k, v in final.items()})
-        dense = copy.deepcopy(model)
+        dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
         report = compress_model(
             model, targets, rank, symmetric=symmetric,
@@ -257,12 +251,12 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         timing["eval_s"] += time.perf_counter() - t
         metrics.update({f"compressed_{k}": v for k, v in final.items()})
         if c["finetune"][task.length_key] > 0:
-            train_phase(task, model, "finetune", c["finetune"], alpha, tracker, results, run_dir, c["resume"])
+            model = train_phase(task, model, "finetune", c["finetune"], alpha, tracker, results, run_dir, c["resume"])
             t = time.perf_counter()
             final = task.evaluate(model)
             timing["eval_s"] += time.perf_counter() - t
             metrics.update({f"finetuned_{k}": v for k, v in final.items()})
-        if hasattr(task, "bound"):
+        if dense is not None:
             results["bound"] = task.bound(dense, model)
         del dense
 

@@ -477,12 +477,10 @@ def _rank_for(name: str, rank: int | Mapping[str, int]) -> object:
     raise RankError(f"no rank given for layer '{name}': add a pattern matching it to rank")
 
 
-def _new_layer(form: str, like: nn.Module, rank: int, init: bool = True) -> FactorizedLayer:
-    """A factorized layer of the given form with ``like``'s shape, device, dtype and bias.
-
-    init=False leaves the parameters uninitialized (they are about to be overwritten), which
-    also leaves the global RNG untouched.
-    """
+def _new_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
+    """A (randomly initialized) factorized layer of the given form with ``like``'s shape, device,
+    dtype and bias. (nn.utils.skip_init would avoid the init, but its first use costs ~1.5 s of
+    imports; initializing thin factors costs milliseconds.)"""
     W, bias = linear_weight(like)
     out_f, in_f = W.shape
     kw = {"device": W.device, "dtype": W.dtype, "bias": bias is not None}
@@ -492,7 +490,7 @@ def _new_layer(form: str, like: nn.Module, rank: int, init: bool = True) -> Fact
         cls, args = LowRankLinear, (in_f, out_f, rank)
     else:
         raise ValueError(f"unknown form {form!r}; allowed: {PLAIN}, {SYMMETRIC}")
-    return cls(*args, **kw) if init else nn.utils.skip_init(cls, *args, **kw)
+    return cls(*args, **kw)
 
 
 def _params(module: nn.Module) -> int:
@@ -526,7 +524,7 @@ def compress_model(
         start = time.perf_counter()
         W, bias = linear_weight(module)
         out_f, in_f = W.shape
-        new = _new_layer(form, module, r, init=False)
+        new = _new_layer(form, module, r)
         sigma_r1 = None
         W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
         if form == SYMMETRIC:
@@ -603,4 +601,4 @@ def rebuild_structure(model: nn.Module, layers: Sequence[Mapping]) -> None:
             raise ValueError(
                 f"layer '{name}' is {shape[0]}×{shape[1]} in this model but {out_f}×{in_f} in the checkpoint"
             )
-        model.set_submodule(name, _new_layer(form, old, r, init=False))
+        model.set_submodule(name, _new_layer(form, old, r))

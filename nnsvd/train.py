@@ -75,7 +75,7 @@ def train_classifier(
     with ``interrupted=True`` and the optimizer state.
     """
     state = state or TrainState()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     n = len(x)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nnsvd.errors import CheckpointError
-from nnsvd.lowrank import PLAIN, SYMMETRIC, SymmetricLowRankLinear, factorized_layers, rebuild_structure
+from nnsvd.lowrank import layer_records, rebuild_structure
 
 WEIGHTS = "model.safetensors"
 STRUCTURE = "model.json"
@@ -36,19 +36,6 @@ def write_json_atomic(path: Path, data: object) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=str)
     os.replace(tmp, path)
-
-
-def layer_records(model: nn.Module) -> list[dict]:
-    """The factorized layers of a model as {"name", "shape": [out, in], "rank", "form"}."""
-    return [
-        {
-            "name": name,
-            "shape": [layer.out_features, layer.in_features],
-            "rank": layer.rank,
-            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN,
-        }
-        for name, layer in factorized_layers(model)
-    ]
 
 
 def save_checkpoint(model: nn.Module, directory: Path, model_config: Mapping, meta: Mapping | None = None) -> Path:

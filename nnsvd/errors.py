@@ -13,6 +13,10 @@ class DataError(NNSVDError):
     """A dataset that is missing or unreadable."""
 
 
+class ModelLoadError(NNSVDError):
+    """A model or tokenizer that could not be obtained from the Hub or a local directory."""
+
+
 class CheckpointError(NNSVDError):
     """A checkpoint that is missing, corrupt, or of another architecture."""
 

@@ -588,6 +588,19 @@ def factorized_layers(model: nn.Module) -> list[tuple[str, FactorizedLayer]]:
     ]
 
 
+def layer_records(model: nn.Module) -> list[dict]:
+    """The factorized layers as {"name", "shape": [out, in], "rank", "form"}: what rebuild_structure reads."""
+    return [
+        {
+            "name": name,
+            "shape": [layer.out_features, layer.in_features],
+            "rank": layer.rank,
+            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN,
+        }
+        for name, layer in factorized_layers(model)
+    ]
+
+
 def rebuild_structure(model: nn.Module, layers: Sequence[Mapping]) -> None:
     """Swap in empty factorized layers described by ``{"name", "shape", "rank", "form"}`` records.
 

@@ -1,0 +1,1 @@
+"""Dataset loaders and tokenization (no Hydra, no W&B)."""

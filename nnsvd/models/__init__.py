@@ -1,0 +1,1 @@
+"""Model builders and loaders (plain PyTorch / transformers; no Hydra, no W&B)."""

@@ -1,0 +1,143 @@
+"""Perplexity of a causal language model on a token stream, by the strided sliding window.
+
+The method of https://huggingface.co/docs/transformers/perplexity: windows of at most
+``max_length`` tokens start at 0, s, 2s, … (s = stride); each window scores only the tokens
+that no earlier window scored, so every scored token sees up to max_length − s tokens of
+context it did not have to predict itself. Windows of equal length are batched together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [begin, end) go in; the targets are [end − trg_len, end) minus the window's first token."""
+
+    begin: int
+    end: int
+    trg_len: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def first_target(self) -> int:
+        """Offset in the window of the first scored token (≥ 1: position 0 has no context)."""
+        return max(self.length - self.trg_len, 1)
+
+
+def strided_windows(n: int, max_length: int, stride: int) -> list[Window]:
+    """The windows covering a stream of n tokens, as in the HF guide's loop (the last one may be shorter)."""
+    windows, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        windows.append(Window(begin, end, end - prev_end))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+def _validate(max_length: int, stride: int, n_positions: int) -> None:
+    if not 2 <= max_length <= n_positions:
+        raise ValueError(
+            f"eval.max_length={max_length} is out of range: allowed 2 ≤ eval.max_length ≤ {n_positions} "
+            "(the model's n_positions)"
+        )
+    if not 1 <= stride <= max_length:
+        raise ValueError(
+            f"eval.stride={stride} is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length ({max_length})"
+        )
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA devices that support it; a no-op context elsewhere."""
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Runs of at most batch_size consecutive windows sharing length and first target."""
+    batches: list[list[Window]] = []
+    for w in windows:
+        last = batches[-1] if batches else None
+        if (
+            last
+            and len(last) < batch_size
+            and (last[0].length, last[0].first_target) == (w.length, w.first_target)
+        ):
+            last.append(w)
+        else:
+            batches.append([w])
+    return batches
+
+
+def _window_nll(model: nn.Module, inputs: Tensor, first_target: int) -> Tensor:
+    """Σ over the batch of −log p(x_t | x_<t) for window positions t ≥ first_target.
+
+    Only the hidden states that predict targets go through the (large) output layer.
+    """
+    hidden = model.base_model(input_ids=inputs).last_hidden_state[:, first_target - 1 : -1]
+    logits = model.get_output_embeddings()(hidden).float()
+    targets = inputs[:, first_target:]
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    ids: Tensor,
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, float | int]:
+    """{"ppl", "nll", "tokens"} of a causal LM (HF model with base_model / output embeddings) on a 1-D stream.
+
+    nll = (1/N)·Σ_t −log p(x_t | window context) over the N scored tokens (token-weighted,
+    not a mean of window means); ppl = exp(nll). max_length defaults to the model's
+    n_positions, stride to max_length (disjoint windows). max_tokens keeps the first
+    max_tokens tokens of the stream. The stream's first token, which has no context, and
+    (when stride = max_length) the first token of each window are not scored. The ids go
+    to ``device`` (default: the model's); the model itself is not moved.
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
+    n_positions = model.config.n_positions
+    max_length = n_positions if max_length is None else max_length
+    stride = max_length if stride is None else stride
+    _validate(max_length, stride, n_positions)
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size={batch_size} must be ≥ 1")
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"eval.max_tokens={max_tokens} must be ≥ 2 (or null for the whole stream)")
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError(f"the stream has {ids.numel()} token(s); at least 2 are needed to score one")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ids = ids.to(device)
+
+    batches = _batches(strided_windows(ids.numel(), max_length, stride), batch_size)
+
+    was_training = model.training
+    model.eval()
+    nll_sum, tokens = 0.0, 0
+    with torch.inference_mode(), _autocast(device):
+        for batch in batches:
+            inputs = torch.stack([ids[w.begin : w.end] for w in batch])
+            first = batch[0].first_target
+            nll_sum += float(_window_nll(model, inputs, first))
+            tokens += inputs.shape[0] * (inputs.shape[1] - first)
+    model.train(was_training)
+    nll = nll_sum / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}

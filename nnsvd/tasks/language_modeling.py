@@ -1,0 +1,169 @@
+"""GPT-2 causal language modeling: build, train, perplexity, sample, save and load."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
+from nnsvd.errors import ConfigError
+from nnsvd.lowrank import layer_records
+from nnsvd.models.gpt2 import load_compressed, load_gpt2, load_tokenizer, save_compressed
+from nnsvd.perplexity import evaluate_perplexity
+from nnsvd.regularizers import orthonormal_penalty
+from nnsvd.train import TrainResult
+from nnsvd.train_lm import train_causal_lm
+
+log = logging.getLogger(__name__)
+
+
+class LanguageModelingTask:
+    """GPT-2 on WikiText-2 (or local text files). Main metric: test perplexity (lower is better)."""
+
+    main_metric = "test_ppl"
+    higher_is_better = False
+    length_key = "steps"
+
+    def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
+        self.model_cfg = cfg["model"]
+        self.data_cfg = cfg["data"]
+        self.eval_cfg = cfg["eval"]
+        self.seq_lens = {cfg["train"]["seq_len"]: "train.seq_len", cfg["finetune"]["seq_len"]: "finetune.seq_len"}
+        self.device = device
+        self.seed = cfg["seed"]
+        self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
+        d = self.data_cfg
+        splits = load_text_splits(
+            d["name"],
+            train_file=d["train_file"],
+            validation_file=d["validation_file"],
+            test_file=d["test_file"],
+            cache_dir=None if cache_dir is None else str(cache_dir / "datasets"),
+        )
+        self.ids = tokenize_splits(splits, self.tokenizer)
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    # -- model
+
+    def build(self) -> nn.Module:
+        """The dense model (pretrained or random init); checks lengths against n_positions."""
+        m = self.model_cfg
+        model = load_gpt2(m["name_or_path"], pretrained=m["pretrained"], config=None if m["pretrained"] else m["config"])
+        self._check_lengths(model.config.n_positions)
+        return model.to(self.device)
+
+    def _check_lengths(self, n_positions: int) -> None:
+        for seq_len, key in self.seq_lens.items():
+            if seq_len > n_positions:
+                raise ConfigError(f"{key}={seq_len} is above the model's n_positions={n_positions}; use ≤ {n_positions}")
+        e = self.eval_cfg
+        max_length = n_positions if e["max_length"] is None else e["max_length"]
+        if not 1 < max_length <= n_positions:
+            raise ConfigError(f"eval.max_length={max_length} must be in 2..{n_positions} (the model's n_positions)")
+        stride = max_length if e["stride"] is None else e["stride"]
+        if not 0 < stride <= max_length:
+            raise ConfigError(f"eval.stride={stride} must be in 1..{max_length} (eval.max_length)")
+
+    # -- training and evaluation
+
+    def _train_blocks(self, seq_len: int) -> torch.Tensor:
+        if seq_len not in self._blocks:
+            self._blocks[seq_len] = pack_blocks(self.ids["train"], seq_len)
+        return self._blocks[seq_len]
+
+    def _perplexity(self, model: nn.Module, split: str) -> dict:
+        e = self.eval_cfg
+        return evaluate_perplexity(
+            model,
+            self.ids[split],
+            max_length=e["max_length"],
+            stride=e["stride"],
+            batch_size=e["batch_size"],
+            max_tokens=e["max_tokens"],
+            device=self.device,
+        )
+
+    def train(
+        self,
+        model: nn.Module,
+        train_cfg: Mapping,
+        *,
+        alpha: float,
+        log_fn: Callable[[dict], None],
+        desc: str,
+        lr_key: str,
+        should_stop: Callable[[], bool] | None = None,
+        **resume,
+    ) -> TrainResult:
+        if resume:
+            raise ConfigError("resume=true cannot continue an interrupted GPT-2 training phase yet; rerun without it")
+        t = train_cfg
+        out = train_causal_lm(
+            model,
+            self._train_blocks(t["seq_len"]),
+            steps=t["steps"],
+            batch_size=t["batch_size"],
+            lr=t["lr"],
+            weight_decay=t["weight_decay"],
+            warmup_steps=t["warmup_steps"],
+            grad_clip=t["grad_clip"] or 0.0,
+            grad_accum=t["grad_accum"],
+            eval_every=t["eval_every"],
+            eval_fn=lambda m: self._perplexity(m, "validation")["ppl"],
+            penalty_fn=orthonormal_penalty,
+            alpha=alpha,
+            log_fn=lambda metrics, step: log_fn({"step": step, **metrics}),
+            log_every=max(1, t["steps"] // 50),
+            should_stop=should_stop,
+            device=self.device,
+            seed=self.seed,
+        )
+        return TrainResult(
+            train_s=out["train_s"], epochs=out["steps"], history=out["history"], interrupted=out["interrupted"]
+        )
+
+    def evaluate(self, model: nn.Module) -> dict:
+        test, val = self._perplexity(model, "test"), self._perplexity(model, "validation")
+        return {
+            "test_ppl": test["ppl"],
+            "test_nll": test["nll"],
+            "test_tokens": test["tokens"],
+            "val_ppl": val["ppl"],
+            "val_tokens": val["tokens"],
+        }
+
+    @torch.inference_mode()
+    def sample(self, model: nn.Module) -> str:
+        """Greedy continuation of model.sample_prompt (deterministic), for a look at the model."""
+        prompt = self.model_cfg["sample_prompt"]
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        was_training = model.training
+        model.eval()
+        out = model.generate(
+            ids,
+            max_new_tokens=self.model_cfg["sample_tokens"],
+            do_sample=False,
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
+        model.train(was_training)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True)
+
+    # -- checkpoints
+
+    def save(self, model: nn.Module, directory: Path, meta: Mapping | None = None) -> Path:
+        save_compressed(model, self.tokenizer, directory, layer_records(model))
+        return Path(directory)
+
+    def load(self, path: str | Path) -> tuple[nn.Module, dict]:
+        model, tokenizer = load_compressed(path, device=self.device)
+        if model.config.vocab_size < len(self.tokenizer):
+            raise ConfigError(
+                f"checkpoint={path} has vocab_size={model.config.vocab_size} but model.tokenizer has "
+                f"{len(self.tokenizer)} tokens; use the tokenizer saved with it"
+            )
+        self._check_lengths(model.config.n_positions)
+        return model, {"layers": layer_records(model)}

@@ -1,0 +1,127 @@
+"""End-to-end `python run.py model=gpt2 ...` on tiny GPT-2s, offline, with data=text_files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import require_data, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model=gpt2_tiny",
+    "model.config.n_layer=1",
+    "model.config.n_embd=32",
+    "model.config.n_head=2",
+    "model.config.n_positions=64",
+    "model.sample_tokens=5",
+    "train.steps=4",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.eval_every=2",
+    "train.warmup_steps=1",
+    "finetune.seq_len=32",
+    "finetune.batch_size=4",
+    "eval.max_length=32",
+    "eval.stride=32",
+    "eval.max_tokens=512",
+    "eval.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A data.root with the first lines of the real WikiText-2 files and the real tokenizer."""
+    wiki, tokenizer = require_data("wikitext-2-raw"), require_data("gpt2-tokenizer")
+    base = tmp_path_factory.mktemp("gpt2_runs")
+    root = base / "data"
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    for name in ("wiki.train.raw", "wiki.valid.raw", "wiki.test.raw"):
+        with open(wiki / name) as src:
+            lines = [next(src) for _ in range(600 if "train" in name else 150)]
+        (root / "wikitext-2-raw" / name).write_text("".join(lines))
+    (root / "gpt2-tokenizer").symlink_to(tokenizer)
+    return {"data_root": root, "cache": base / "cache", "base": base}
+
+
+def cli(where, name: str, *args: str, **kw):
+    return run_cli([*TINY, *args], where["base"] / name, data_root=where["data_root"], cache=where["cache"], **kw)
+
+
+def test_dense_trains_and_reports_perplexity(env):
+    _, r = cli(env, "dense")
+    assert r["status"] == "ok" and r["model"] == "gpt2" and r["mode"] == "dense"
+    m = r["metrics"]
+    assert 1 < m["test_ppl"] < 50257 and 1 < m["val_ppl"] < 50257
+    assert m["test_tokens"] == m["val_tokens"] == 512 - 512 // 32  # stride = max_length: a window's first token is context
+    assert [h["step"] for h in r["history"]["dense"] if "val/ppl" in h] == [2, 4]
+    assert isinstance(r["sample"], str) and r["sample"].startswith("The meaning of low-rank compression is")
+    run_dir = env["base"] / "dense"
+    for name in ("model.safetensors", "config.json", "nnsvd_layers.json", "tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_compress_finetune_with_symmetric_penalty(env):
+    _, r = cli(env, "compress", "rank=4", "finetune.steps=2", "regularizer=symmetric", "regularizer.alpha=1e-3")
+    assert r["status"] == "ok" and r["dense_source"].startswith(("trained", "cache"))
+    forms = {layer["name"]: layer["form"] for layer in r["layers"]}
+    assert forms == {
+        "transformer.h.0.attn.c_attn": "lowrank",
+        "transformer.h.0.attn.c_proj": "symmetric",
+        "transformer.h.0.mlp.c_fc": "lowrank",
+        "transformer.h.0.mlp.c_proj": "lowrank",
+    }
+    assert {layer["shape"] for layer in r["layers"]} == {"96x32", "32x32", "128x32", "32x128"}  # out x in
+    m = r["metrics"]
+    assert {"dense_test_ppl", "compressed_test_ppl", "finetuned_test_ppl"} <= m.keys()
+    assert m["test_ppl"] == m["finetuned_test_ppl"]
+    assert r["params"]["compression_ratio"] < 1 and r["bound"] is None
+    assert r["history"]["finetune"][0]["train/penalty"] > 0
+
+    # the saved directory reloads outside the suite with identical logits, and generates
+    from nnsvd.models.gpt2 import load_compressed
+
+    model, tokenizer = load_compressed(env["base"] / "compress")
+    layers = json.loads((env["base"] / "compress" / "nnsvd_layers.json").read_text())
+    assert sorted((x["name"], x["rank"]) for x in layers) == sorted((n, 4) for n in forms)
+    ids = tokenizer("Valkyria Chronicles", return_tensors="pt").input_ids
+    again, _ = load_compressed(env["base"] / "compress")
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=50256).shape[1] == ids.shape[1] + 3
+
+    # checkpoint= reloads it in the suite: same perplexity
+    _, again_r = cli(env, "reload", f"checkpoint={env['base'] / 'compress'}")
+    assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-6)
+
+
+def test_scratch_trains_factorized_gpt2(env):
+    _, r = cli(env, "scratch", "mode=scratch", "rank=4", "regularizer=orthonormal")
+    assert r["status"] == "ok" and r["mode"] == "scratch" and len(r["layers"]) == 4
+    assert r["metrics"]["test_ppl"] < 50257
+    assert r["params"]["targets"] < r["params"]["dense_targets"]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["eval.stride=64"], "eval.stride=64 must be in 1..32 (eval.max_length)"),
+        (["eval.stride=0"], "eval.stride=0 must be in 1..32 (eval.max_length)"),
+        (["eval.max_length=65"], "eval.max_length=65 must be in 2..64"),
+        (["train.seq_len=128"], "train.seq_len=128 is above the model's n_positions=64"),
+        (["rank=16"], "layer 'transformer.h.0.attn.c_proj' of shape 32×32 (low-rank form): allowed 1 ≤ rank ≤ 15"),
+        (["data.train_file=/nope/train.txt"], "data.train_file: no such file: /nope/train.txt"),
+        (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"], "Hub is unreachable"),
+    ],
+)
+def test_bad_input_fails_with_one_line(env, args, match):
+    name = "bad_" + str(abs(hash(tuple(args))))
+    proc, r = cli(env, name, *args, check=False, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and match in out, out
+    assert "Traceback" not in out
+    assert r["status"] == "failed" and match in r["error"]
+    assert not (Path(env["base"]) / name / "model.safetensors").exists()

@@ -20,6 +20,18 @@ def require_data(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny matrices: one BLAS/LAPACK thread is fastest, and on a busy 2-core machine
+    extra threads spin-wait (a 300×300 SVD goes from 0.02 s to seconds). The setting is restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A data.root holding a private copy of MNIST (torchvision writes beside the .gz files)

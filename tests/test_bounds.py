@@ -11,15 +11,7 @@ from torch import nn
 
 from nnsvd import compress_model, output_error_bound
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These matrices are tiny: one BLAS/LAPACK thread is fastest, and on a busy 2-core machine extra
-    threads spin-wait (a 300×300 SVD goes from 0.02 s to seconds). The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 LAYERS = (0, 2, 4)

@@ -18,15 +18,7 @@ from nnsvd import (
 )
 from nnsvd.counting import layer_macs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These matrices are tiny: one BLAS/LAPACK thread is fastest, and on a busy 2-core machine extra
-    threads spin-wait (a 300×300 SVD goes from 0.02 s to seconds). The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def mlp() -> nn.Sequential:

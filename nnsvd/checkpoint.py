@@ -131,24 +131,31 @@ RESUME_DIR = "interrupted"
 TRAINER = "trainer.pt"
 
 
-def save_train_state(run_dir: Path, phase: str, model: nn.Module, model_config: Mapping, trainer: Mapping) -> Path:
-    """Save an interrupted training phase: weights + structure, and the optimizer/RNG/history.
+def save_train_state(run_dir: Path, phase: str, model: nn.Module, save: Callable, trainer: Mapping) -> Path:
+    """Save an interrupted training phase atomically: the model through ``save(model, dir)`` (the
+    task's own format) and the trainer state (optimizer, RNG, progress) beside it.
 
     ``trainer`` holds only tensors, numbers, strings, lists and dicts, so it loads back with
     ``torch.load(weights_only=True)`` (no arbitrary unpickling).
     """
     import torch
 
-    directory = save_checkpoint(model, Path(run_dir) / RESUME_DIR, model_config, meta={"phase": phase})
-    tmp = directory / f".{TRAINER}.tmp"
-    torch.save({"phase": phase, **trainer}, tmp)
-    os.replace(tmp, directory / TRAINER)
+    directory = Path(run_dir) / RESUME_DIR
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{RESUME_DIR}.", suffix=".tmp"))
+    try:
+        save(model, tmp)
+        torch.save({"phase": phase, **trainer}, tmp / TRAINER)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
-def load_train_state(run_dir: Path, phase: str, model: nn.Module) -> dict | None:
-    """If ``run_dir`` holds an interrupted ``phase``, load its weights into ``model`` (whose
-    structure must match) and return the trainer state; else None."""
+def load_train_state(run_dir: Path, phase: str, load: Callable) -> tuple[nn.Module, dict] | None:
+    """(model, trainer state) of an interrupted ``phase`` saved in ``run_dir``, else None.
+
+    ``load(dir)`` is the task's loader, returning (model, record)."""
     import torch
 
     directory = Path(run_dir) / RESUME_DIR
@@ -160,11 +167,8 @@ def load_train_state(run_dir: Path, phase: str, model: nn.Module) -> dict | None
         raise CheckpointError(f"the interrupted-training state in {directory} is unreadable ({exc}); delete it") from exc
     if trainer.get("phase") != phase:
         return None
-    _, record = read_structure(directory)
-    state = load_file(str(directory / WEIGHTS))
-    rebuild_structure(model, record["layers"])
-    model.load_state_dict(state)
-    return trainer
+    model, _ = load(directory)
+    return model, trainer
 
 
 def clear_train_state(run_dir: Path) -> None:

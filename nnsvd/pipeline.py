@@ -165,24 +165,23 @@ def train_phase(
     With resume, a state saved by an interrupted run of this phase is loaded first (weights,
     optimizer, RNG, epochs done), so the result equals an uninterrupted run's.
     """
-    kw = {"should_stop": STOP.is_set}
-    saved = load_train_state(run_dir, phase, model) if resume else None  # loads the weights into model
+    saved = load_train_state(run_dir, phase, task.load) if resume else None
+    resume_state = None
     if saved is not None:
-        from nnsvd.train import TrainState
-
-        torch.set_rng_state(saved["rng"])
-        kw.update(state=TrainState(epoch=saved["epoch"], history=saved["history"]), optimizer_state=saved["optimizer"])
-        log.info("resuming %s training after epoch %d from %s", phase, saved["epoch"], run_dir)
+        model, resume_state = saved
+        done = resume_state.get("epoch", resume_state.get("step"))
+        log.info("resuming %s training after %s %d from %s", phase, task.length_key, done, run_dir)
     lr_key = "finetune.lr" if phase == "finetune" else "train.lr"
-    out = task.train(model, train_cfg, alpha=alpha, log_fn=_logger(tracker, phase), desc=phase, lr_key=lr_key, **kw)
+    out = task.train(
+        model, train_cfg, alpha=alpha, log_fn=_logger(tracker, phase), desc=phase, lr_key=lr_key,
+        should_stop=STOP.is_set, resume_state=resume_state,
+    )
     results["timing"]["train_s"] += out.train_s
     results["history"][phase] = out.history
     if out.interrupted:
-        trainer = {"epoch": out.epochs, "history": out.history, "optimizer": out.optimizer_state,
-                   "rng": torch.get_rng_state()}
-        where = save_train_state(run_dir, phase, model, task.model_cfg, trainer)
+        where = save_train_state(run_dir, phase, model, task.save, out.resume_state)
         raise Interrupted(
-            f"{phase} training stopped after {out.epochs} epochs; state saved in {where}. "
+            f"{phase} training stopped after {out.epochs} {task.length_key}; state saved in {where}. "
             f"Continue with the same command plus resume=true (and hydra.run.dir={run_dir} for a single run)"
         )
     return model

@@ -32,7 +32,7 @@ class TrainResult:
     epochs: int
     history: list[dict]
     interrupted: bool = False
-    optimizer_state: dict | None = None  # set when interrupted, to continue later
+    resume_state: dict | None = None  # set when interrupted: pass it back to continue exactly
 
 
 def _progress_enabled() -> bool:
@@ -62,22 +62,23 @@ def train_classifier(
     log: LogFn | None = None,
     desc: str = "train",
     lr_key: str = "train.lr",
-    state: TrainState | None = None,
-    optimizer_state: dict | None = None,
+    resume_state: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Adam on cross-entropy + alpha·orthonormal_penalty, mini-batches from device tensors.
 
     The epoch permutation comes from a generator seeded with (seed, epoch), so training can
-    stop after any epoch and continue with identical results (given ``state`` and
-    ``optimizer_state``). ``evaluate(model)`` runs after every epoch; its dict is logged.
+    stop after any epoch and continue with identical results: an interrupted result's
+    ``resume_state`` (epochs done, history, optimizer and RNG states), passed back, continues it. ``evaluate(model)`` runs after every epoch; its dict is logged.
     ``should_stop()`` is checked before each epoch: when it says so, training returns
     with ``interrupted=True`` and the optimizer state.
     """
-    state = state or TrainState()
+    state = TrainState()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if resume_state is not None:
+        state = TrainState(epoch=int(resume_state["epoch"]), history=list(resume_state["history"]))
+        optimizer.load_state_dict(resume_state["optimizer"])
+        torch.set_rng_state(resume_state["rng"])
     n = len(x)
     steps_per_epoch = math.ceil(n / batch_size)
     start = time.perf_counter()
@@ -122,7 +123,12 @@ def train_classifier(
         epochs=state.epoch,
         history=state.history,
         interrupted=interrupted,
-        optimizer_state=optimizer.state_dict() if interrupted else None,
+        resume_state=(
+            {"epoch": state.epoch, "history": state.history, "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state()}
+            if interrupted
+            else None
+        ),
     )
 
 

@@ -52,6 +52,7 @@ def train_causal_lm(
     should_stop: Callable[[], bool] | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
+    resume_state: dict | None = None,
 ) -> dict:
     """Train ``model`` in place for ``steps`` optimizer steps on random blocks of train_blocks (N×T).
 
@@ -70,8 +71,10 @@ def train_causal_lm(
     Batch sampling and dropout draw from RNGs seeded with ``seed`` inside a fork of the global
     RNG state, so a run is reproducible and leaves the caller's RNG untouched.
 
-    Returns {"steps", "train_s", "final_loss", "final_val_ppl", "interrupted", "history"}, with
-    history a list of every logged record (each with its "step").
+    Returns {"steps", "train_s", "final_loss", "final_val_ppl", "interrupted", "history",
+    "resume_state"}, with history a list of every logged record (each with its "step"). When
+    interrupted, resume_state holds the step, optimizer, scheduler and RNG states; passing it back
+    as ``resume_state`` continues exactly where training stopped.
     Raises DivergenceError naming the step when the loss or penalty is not finite.
     """
     if train_blocks.dim() != 2:
@@ -84,7 +87,12 @@ def train_causal_lm(
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps, min_lr_rate=min_lr_ratio
     )
-    history: list[dict] = []
+    history: list[dict] = [] if resume_state is None else list(resume_state["history"])
+    first = 1
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        first = int(resume_state["step"]) + 1
 
     def log(metrics: dict, step: int) -> None:
         history.append({"step": step, **metrics})
@@ -107,8 +115,14 @@ def train_causal_lm(
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         batches = torch.Generator().manual_seed(seed)
+        if resume_state is not None:
+            torch.random.default_generator.set_state(resume_state["rng"])
+            batches.set_state(resume_state["batches"])
+            if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
         model.train()
-        for step in range(1, steps + 1):
+        step = first - 1
+        for step in range(first, steps + 1):
             if should_stop is not None and should_stop():
                 interrupted, step = True, step - 1
                 break
@@ -148,6 +162,17 @@ def train_causal_lm(
                 val_ppl = evaluate(step)
         if eval_fn is not None and step > 0 and not interrupted:
             val_ppl = evaluate(step)
+        state = None
+        if interrupted:
+            state = {
+                "step": step,
+                "history": history,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.random.default_generator.get_state(),
+                "batches": batches.get_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
     return {
         "steps": step,
         "train_s": time.perf_counter() - start,
@@ -155,4 +180,5 @@ def train_causal_lm(
         "final_val_ppl": val_ppl,
         "interrupted": interrupted,
         "history": history,
+        "resume_state": state,
     }

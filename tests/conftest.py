@@ -76,3 +76,34 @@ def run_cli(args: list[str], run_dir: Path, *, data_root: Path | None = None, ca
     results_file = run_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     return proc, results
+
+
+def interrupt_and_resume(args: list[str], tmp: Path, marker: str, *, data_root: Path, cache: Path):
+    """Run ``run.py ARGS``, send SIGTERM once ``marker`` appears in its log, then resume it.
+
+    Returns (interrupted results, resumed results, uninterrupted results of the same command).
+    """
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp / "interrupted"
+    cmd = [sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}", f"cache.dir={cache}",
+           "wandb.mode=disabled"]
+    env = {**os.environ, "NNSVD_DATA_ROOT": str(data_root), "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run_dir / "run.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and marker in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # how SLURM preempts a job
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out
+    interrupted = json.loads((run_dir / "results.json").read_text())
+    assert (run_dir / "interrupted" / "trainer.pt").is_file()
+    _, resumed = run_cli([*args, "resume=true"], run_dir, data_root=data_root, cache=cache)
+    assert not (run_dir / "interrupted").exists()
+    _, straight = run_cli(args, tmp / "straight", data_root=data_root, cache=cache)
+    return interrupted, resumed, straight

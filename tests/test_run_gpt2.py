@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_data, run_cli
+from conftest import interrupt_and_resume, require_data, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +103,19 @@ def test_scratch_trains_factorized_gpt2(env):
     assert r["status"] == "ok" and r["mode"] == "scratch" and len(r["layers"]) == 4
     assert r["metrics"]["test_ppl"] < 50257
     assert r["params"]["targets"] < r["params"]["dense_targets"]
+
+
+def test_sigterm_during_gpt2_training_resumes_to_identical_results(env, tmp_path):
+    args = [*TINY, "mode=scratch", "rank=4", "train.steps=30", "train.eval_every=10"]
+    interrupted, resumed, straight = interrupt_and_resume(
+        args, tmp_path, "scratch step=3", data_root=env["data_root"], cache=env["cache"])
+    assert interrupted["status"] == "interrupted" and "steps" in interrupted["error"]
+    done = max(h["step"] for h in interrupted["history"]["scratch"])
+    assert 3 <= done < 30
+    assert f"resuming scratch training after steps {done}" in (tmp_path / "interrupted" / "run.log").read_text()
+    assert resumed["status"] == "ok"
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["history"] == straight["history"]
 
 
 @pytest.mark.parametrize(

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, interrupt_and_resume, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -111,28 +110,14 @@ def test_resume_after_kill_recomputes_nothing_that_finished(data_root, tmp_path)
 
 
 def test_sigterm_saves_state_and_resume_matches_uninterrupted(data_root, tmp_path):
-    args = ["mode=scratch", "rank=4", "train.epochs=4"]
-    run_dir = tmp_path / "interrupted"
-    cmd = [sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}",
-           f"cache.dir={tmp_path / 'cache'}", "wandb.mode=disabled"]
-    env = {**os.environ, "NNSVD_DATA_ROOT": str(data_root), "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = run_dir / "run.log"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and "scratch epoch=1" in log.read_text()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # how SLURM preempts a job
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, out
-    r = json.loads((run_dir / "results.json").read_text())
-    assert r["status"] == "interrupted" and "resume=true" in r["error"]
-    assert (run_dir / "interrupted" / "trainer.pt").is_file()
-    stopped_after = len(r["history"]["scratch"])
+    interrupted, resumed, straight = interrupt_and_resume(
+        ["mode=scratch", "rank=4", "train.epochs=4"], tmp_path, "scratch epoch=1",
+        data_root=data_root, cache=tmp_path / "cache")
+    assert interrupted["status"] == "interrupted" and "resume=true" in interrupted["error"]
+    stopped_after = len(interrupted["history"]["scratch"])
     assert 1 <= stopped_after < 4
-
-    _, resumed = run_cli([*args, "resume=true"], run_dir, data_root=data_root, cache=tmp_path / "cache")
-    _, straight = run_cli(args, tmp_path / "straight", data_root=data_root, cache=tmp_path / "cache")
-    assert resumed["status"] == "ok" and not (run_dir / "interrupted").exists()
-    assert f"resuming scratch training after epoch {stopped_after}" in log.read_text()
+    log = (tmp_path / "interrupted" / "run.log").read_text()
+    assert f"resuming scratch training after epochs {stopped_after}" in log
+    assert resumed["status"] == "ok"
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["history"] == straight["history"]

@@ -75,7 +75,7 @@ class ClassificationTask:
 
     def train(
         self, model: nn.Module, train_cfg: Mapping, *, alpha: float, log_fn: Callable[[dict], None], desc: str,
-        lr_key: str, **resume,
+        lr_key: str, should_stop: Callable[[], bool] | None = None, resume_state: dict | None = None,
     ) -> TrainResult:
         d = self.data
         return train_classifier(
@@ -92,7 +92,8 @@ class ClassificationTask:
             log=log_fn,
             desc=desc,
             lr_key=lr_key,
-            **resume,
+            resume_state=resume_state,
+            should_stop=should_stop,
         )
 
     def evaluate(self, model: nn.Module) -> dict:

@@ -97,10 +97,8 @@ class LanguageModelingTask:
         desc: str,
         lr_key: str,
         should_stop: Callable[[], bool] | None = None,
-        **resume,
+        resume_state: dict | None = None,
     ) -> TrainResult:
-        if resume:
-            raise ConfigError("resume=true cannot continue an interrupted GPT-2 training phase yet; rerun without it")
         t = train_cfg
         out = train_causal_lm(
             model,
@@ -121,9 +119,11 @@ class LanguageModelingTask:
             should_stop=should_stop,
             device=self.device,
             seed=self.seed,
+            resume_state=resume_state,
         )
         return TrainResult(
-            train_s=out["train_s"], epochs=out["steps"], history=out["history"], interrupted=out["interrupted"]
+            train_s=out["train_s"], epochs=out["steps"], history=out["history"], interrupted=out["interrupted"],
+            resume_state=out["resume_state"],
         )
 
     def evaluate(self, model: nn.Module) -> dict:

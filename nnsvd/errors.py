@@ -5,8 +5,8 @@ class NNSVDError(Exception):
     """An error caused by input (config, data, checkpoint) rather than by a bug."""
 
 
-class ConfigError(NNSVDError):
-    """A config value that is invalid for this run."""
+class ConfigError(NNSVDError, ValueError):
+    """A config value that is invalid for this run (also a ValueError, for library callers)."""
 
 
 class DataError(NNSVDError):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnsvd.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Window:
@@ -46,16 +48,20 @@ def strided_windows(n: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-def _validate(max_length: int, stride: int, n_positions: int) -> None:
+def resolve_window(max_length: int | None, stride: int | None, n_positions: int) -> tuple[int, int]:
+    """(max_length, stride) with their defaults (n_positions; max_length) applied and checked."""
+    max_length = n_positions if max_length is None else max_length
+    stride = max_length if stride is None else stride
     if not 2 <= max_length <= n_positions:
-        raise ValueError(
+        raise ConfigError(
             f"eval.max_length={max_length} is out of range: allowed 2 ≤ eval.max_length ≤ {n_positions} "
             "(the model's n_positions)"
         )
     if not 1 <= stride <= max_length:
-        raise ValueError(
+        raise ConfigError(
             f"eval.stride={stride} is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length ({max_length})"
         )
+    return max_length, stride
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -112,10 +118,7 @@ def evaluate_perplexity(
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
-    n_positions = model.config.n_positions
-    max_length = n_positions if max_length is None else max_length
-    stride = max_length if stride is None else stride
-    _validate(max_length, stride, n_positions)
+    max_length, stride = resolve_window(max_length, stride, model.config.n_positions)
     if batch_size < 1:
         raise ValueError(f"eval.batch_size={batch_size} must be ≥ 1")
     if max_tokens is not None:

@@ -121,9 +121,9 @@ def test_sigterm_during_gpt2_training_resumes_to_identical_results(env, tmp_path
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["eval.stride=64"], "eval.stride=64 must be in 1..32 (eval.max_length)"),
-        (["eval.stride=0"], "eval.stride=0 must be in 1..32 (eval.max_length)"),
-        (["eval.max_length=65"], "eval.max_length=65 must be in 2..64"),
+        (["eval.stride=64"], "eval.stride=64 is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length (32)"),
+        (["eval.stride=0"], "eval.stride=0 is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length (32)"),
+        (["eval.max_length=65"], "eval.max_length=65 is out of range: allowed 2 ≤ eval.max_length ≤ 64"),
         (["train.seq_len=128"], "train.seq_len=128 is above the model's n_positions=64"),
         (["rank=16"], "layer 'transformer.h.0.attn.c_proj' of shape 32×32 (low-rank form): allowed 1 ≤ rank ≤ 15"),
         (["data.train_file=/nope/train.txt"], "data.train_file: no such file: /nope/train.txt"),

@@ -13,7 +13,7 @@ from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
 from nnsvd.errors import ConfigError
 from nnsvd.lowrank import layer_records
 from nnsvd.models.gpt2 import load_compressed, load_gpt2, load_tokenizer, save_compressed
-from nnsvd.perplexity import evaluate_perplexity
+from nnsvd.perplexity import evaluate_perplexity, resolve_window
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.train import TrainResult
 from nnsvd.train_lm import train_causal_lm
@@ -60,13 +60,7 @@ class LanguageModelingTask:
         for seq_len, key in self.seq_lens.items():
             if seq_len > n_positions:
                 raise ConfigError(f"{key}={seq_len} is above the model's n_positions={n_positions}; use ≤ {n_positions}")
-        e = self.eval_cfg
-        max_length = n_positions if e["max_length"] is None else e["max_length"]
-        if not 1 < max_length <= n_positions:
-            raise ConfigError(f"eval.max_length={max_length} must be in 2..{n_positions} (the model's n_positions)")
-        stride = max_length if e["stride"] is None else e["stride"]
-        if not 0 < stride <= max_length:
-            raise ConfigError(f"eval.stride={stride} must be in 1..{max_length} (eval.max_length)")
+        resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], n_positions)
 
     # -- training and evaluation
 

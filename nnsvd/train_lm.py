@@ -53,6 +53,7 @@ def train_causal_lm(
     device: torch.device | str | None = None,
     seed: int = 0,
     resume_state: dict | None = None,
+    lr_key: str = "train.lr",
 ) -> dict:
     """Train ``model`` in place for ``steps`` optimizer steps on random blocks of train_blocks (N×T).
 
@@ -140,7 +141,7 @@ def train_causal_lm(
             if not (math.isfinite(loss_value) and math.isfinite(penalty_value)):
                 raise DivergenceError(
                     f"training diverged at step {step}: loss={loss_value}, penalty={penalty_value}; "
-                    f"lower train.lr (now {lr:g})"
+                    f"lower {lr_key} (now {lr:g})"
                 )
             if penalty is not None:
                 (alpha * penalty).backward()

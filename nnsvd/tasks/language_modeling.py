@@ -114,6 +114,7 @@ class LanguageModelingTask:
             device=self.device,
             seed=self.seed,
             resume_state=resume_state,
+            lr_key=lr_key,
         )
         return TrainResult(
             train_s=out["train_s"], epochs=out["steps"], history=out["history"], interrupted=out["interrupted"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _load_splits(mnist_root: Path, data_cfg: Mapping, seed: int, device: torch.d
     )
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{id(splits)}.tmp")
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")  # parallel jobs never share a temp file
         save_file({k: v.contiguous().cpu() for k, v in vars(splits).items()}, str(tmp))
         tmp.replace(cached)
     return splits

@@ -1,0 +1,82 @@
+"""The low-rank engine: factorized layers, truncated-SVD factorization and in-place model compression.
+
+Plain PyTorch: no Hydra, no W&B. Usable from a notebook::
+
+    from nnsvd.lowrank import compress_model
+    report = compress_model(model, ["l1", "l2"], rank=8)
+
+One module per concept:
+
+- ``layers``: LowRankLinear (W = A·B), SymmetricLowRankLinear (W = B·Bᵀ), the dense layers they replace;
+- ``factorize``: plain truncated SVD of one matrix (exact, Gram, randomized);
+- ``ranks``: which ranks save parameters;
+- ``report``: what compression did to each layer;
+- ``surgery``: finding targets, swapping layers in, rebuilding saved structures.
+"""
+
+from nnsvd.lowrank.factorize import (
+    FACTORIZERS,
+    Factorizer,
+    Factors,
+    factorize,
+    factorize_symmetric,
+    resolve_factorizer,
+    svd_auto,
+    svd_full,
+    svd_gram,
+    svd_randomized,
+)
+from nnsvd.lowrank.layers import (
+    PLAIN,
+    SYMMETRIC,
+    FactorizedLayer,
+    LowRankLinear,
+    SymmetricLowRankLinear,
+    is_factorizable,
+    linear_weight,
+)
+from nnsvd.lowrank.ranks import RankError, max_useful_rank, validate_rank
+from nnsvd.lowrank.report import CompressionReport, LayerReport
+from nnsvd.lowrank.surgery import (
+    TargetError,
+    compress_model,
+    factorized_layers,
+    find_targets,
+    layer_records,
+    lowrank_from_scratch,
+    plan_compression,
+    rebuild_structure,
+)
+
+__all__ = [
+    "FACTORIZERS",
+    "PLAIN",
+    "SYMMETRIC",
+    "CompressionReport",
+    "FactorizedLayer",
+    "Factorizer",
+    "Factors",
+    "LayerReport",
+    "LowRankLinear",
+    "RankError",
+    "SymmetricLowRankLinear",
+    "TargetError",
+    "compress_model",
+    "factorize",
+    "factorize_symmetric",
+    "factorized_layers",
+    "find_targets",
+    "is_factorizable",
+    "layer_records",
+    "linear_weight",
+    "lowrank_from_scratch",
+    "max_useful_rank",
+    "plan_compression",
+    "rebuild_structure",
+    "resolve_factorizer",
+    "svd_auto",
+    "svd_full",
+    "svd_gram",
+    "svd_randomized",
+    "validate_rank",
+]

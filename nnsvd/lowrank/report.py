@@ -1,0 +1,66 @@
+"""What compression did to each layer: the per-layer report and its totals."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One replaced layer: what it became and what it cost."""
+
+    name: str
+    shape: tuple[int, int]  # (out, in)
+    rank: int
+    form: str  # "lowrank" or "symmetric"
+    params_before: int
+    params_after: int
+    rel_fro_error: float | None = None  # ‖W − Ŵ‖_F / ‖W‖_F
+    sigma_r1: float | None = None  # σ_{r+1}(W): the spectral error of the plain form
+    method: str = ""
+    time_s: float = 0.0
+
+
+@dataclass
+class CompressionReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def time_s(self) -> float:
+        return sum(layer.time_s for layer in self.layers)
+
+    def forms(self) -> dict[str, str]:
+        return {layer.name: layer.form for layer in self.layers}
+
+    def ranks(self) -> dict[str, int]:
+        return {layer.name: layer.rank for layer in self.layers}
+
+    def to_rows(self) -> list[dict]:
+        rows = []
+        for layer in self.layers:
+            row = asdict(layer)
+            row["shape"] = f"{layer.shape[0]}x{layer.shape[1]}"
+            rows.append(row)
+        return rows
+
+    def __str__(self) -> str:
+        head = f"{'layer':<34} {'shape':>10} {'rank':>5} {'form':>9} {'params':>17} {'rel err':>8}"
+        lines = [head]
+        for r in self.to_rows():
+            err = "-" if r["rel_fro_error"] is None else f"{r['rel_fro_error']:.4f}"
+            params = f"{r['params_before']}→{r['params_after']}"
+            lines.append(
+                f"{r['name']:<34} {r['shape']:>10} {r['rank']:>5} {r['form']:>9} "
+                f"{params:>17} {err:>8}"
+            )
+        return "\n".join(lines)
+
+

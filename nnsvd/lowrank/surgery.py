@@ -1,0 +1,232 @@
+"""Model surgery: find the target layers, check ranks, swap in factorized layers, rebuild saved ones."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nnsvd.lowrank.factorize import Factorizer, factorize, factorize_symmetric, resolve_factorizer
+from nnsvd.lowrank.layers import (
+    PLAIN,
+    SYMMETRIC,
+    FactorizedLayer,
+    LowRankLinear,
+    SymmetricLowRankLinear,
+    is_factorizable,
+    linear_weight,
+)
+from nnsvd.lowrank.ranks import RankError, validate_rank
+from nnsvd.lowrank.report import CompressionReport, LayerReport
+
+
+class TargetError(ValueError):
+    """A target pattern that matches no layer, or a symmetric request with no square target."""
+
+
+def find_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Names of factorizable modules matching any glob pattern (e.g. ``transformer.h.*.mlp.c_fc``).
+
+    Every pattern must match at least one Linear/Conv1D module.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    if not patterns:
+        raise TargetError("targets is empty: name at least one layer pattern, e.g. ['l1', 'l2']")
+    candidates = [n for n, m in model.named_modules() if n and is_factorizable(m)]
+    names: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in candidates if fnmatch.fnmatchcase(n, pattern)]
+        done = [n for n, m in factorized_layers(model) if fnmatch.fnmatchcase(n, pattern)]
+        if not hits and done:
+            raise TargetError(
+                f"target pattern {pattern!r} matches only layers that are already factorized ({', '.join(done[:4])}); "
+                "evaluate a compressed model with rank=null"
+            )
+        if not hits:
+            shown = ", ".join(candidates[:8]) + (" …" if len(candidates) > 8 else "")
+            raise TargetError(
+                f"target pattern {pattern!r} matches no Linear/Conv1D layer; layers are: {shown}"
+            )
+        names += [n for n in hits if n not in names]
+    return names
+
+
+def plan_compression(
+    model: nn.Module,
+    targets: Iterable[str],
+    rank: int | Mapping[str, int],
+    symmetric: bool,
+    allow_full_rank: bool,
+) -> list[tuple[str, nn.Module, int, str]]:
+    """[(name, module, rank, form)] for the targets, validating every rank before any work.
+
+    Raises TargetError for a pattern that matches nothing or symmetric with no square
+    target, and RankError for a rank that is not useful for some layer.
+    """
+    plan = []
+    for name in find_targets(model, targets):
+        module = model.get_submodule(name)
+        W, _ = linear_weight(module)
+        shape = (W.shape[0], W.shape[1])
+        form = SYMMETRIC if symmetric and shape[0] == shape[1] else PLAIN
+        r = _rank_for(name, rank)
+        validate_rank(name, shape, r, symmetric=form == SYMMETRIC, allow_full_rank=allow_full_rank)
+        plan.append((name, module, r, form))
+    if symmetric and not any(form == SYMMETRIC for *_, form in plan):
+        shapes = ", ".join(f"{n} {tuple(linear_weight(m)[0].shape)}" for n, m, *_ in plan)
+        raise TargetError(f"symmetric form needs a square target layer, but none is: {shapes}")
+    return plan
+
+
+def _rank_for(name: str, rank: int | Mapping[str, int]) -> object:
+    if not isinstance(rank, Mapping):
+        return rank
+    for pattern, r in rank.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return r
+    raise RankError(f"no rank given for layer '{name}': add a pattern matching it to rank")
+
+
+def _new_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
+    """A (randomly initialized) factorized layer of the given form with ``like``'s shape, device,
+    dtype and bias. (nn.utils.skip_init would avoid the init, but its first use costs ~1.5 s of
+    imports; initializing thin factors costs milliseconds.)"""
+    W, bias = linear_weight(like)
+    out_f, in_f = W.shape
+    kw = {"device": W.device, "dtype": W.dtype, "bias": bias is not None}
+    if form == SYMMETRIC:
+        cls, args = SymmetricLowRankLinear, (in_f, rank)
+    elif form == PLAIN:
+        cls, args = LowRankLinear, (in_f, out_f, rank)
+    else:
+        raise ValueError(f"unknown form {form!r}; allowed: {PLAIN}, {SYMMETRIC}")
+    return cls(*args, **kw)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module,
+    targets: Iterable[str],
+    rank: int | Mapping[str, int],
+    *,
+    symmetric: bool = False,
+    method: str | Factorizer = "auto",
+    allow_full_rank: bool = False,
+    calibration: Mapping[str, object] | None = None,
+) -> CompressionReport:
+    """Replace, in place, every target layer by rank-r factors of its weight.
+
+    targets: glob patterns over module names (``l1``, ``transformer.h.*.attn.c_attn``).
+    rank: one rank for all, or {pattern: rank}. symmetric: square targets get the tied PSD
+    form B·Bᵀ, the others the plain form. method: "auto", "svd", "gram", "randomized" or a
+    Factorizer; ``calibration[name]`` is passed to it as ``calibration=`` for data-aware
+    methods. allow_full_rank: admit r = min(m, n) (tests and analysis only).
+    """
+    plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
+    factorizer = resolve_factorizer(method)
+    method_name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+    report = CompressionReport()
+    for name, module, r, form in plan:
+        start = time.perf_counter()
+        W, bias = linear_weight(module)
+        out_f, in_f = W.shape
+        new = _new_layer(form, module, r)
+        sigma_r1 = None
+        W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
+        if form == SYMMETRIC:
+            B, _ = factorize_symmetric(W, r)
+            new.B.copy_(B)
+            fro_error = float(torch.linalg.matrix_norm(W.double() - new.dense_weight().double()))
+        else:
+            context = {}
+            if calibration is not None and name in calibration:
+                context["calibration"] = calibration[name]
+            f = factorize(W, r, factorizer, **context)
+            new.A.copy_(f.A)
+            new.B.copy_(f.B)
+            fro_error = f.fro_error
+            if f.singular_values is not None and f.singular_values.numel() > r:
+                sigma_r1 = float(f.singular_values[r])
+        if bias is not None:
+            new.bias.copy_(bias)
+        model.set_submodule(name, new)
+        report.layers.append(
+            LayerReport(
+                name=name,
+                shape=(out_f, in_f),
+                rank=r,
+                form=form,
+                params_before=_params(module),
+                params_after=_params(new),
+                rel_fro_error=fro_error / W_norm if W_norm > 0 else 0.0,
+                sigma_r1=sigma_r1,
+                method="eigh-psd" if form == SYMMETRIC else str(method_name),
+                time_s=time.perf_counter() - start,
+            )
+        )
+    return report
+
+
+def lowrank_from_scratch(
+    model: nn.Module,
+    targets: Iterable[str],
+    rank: int | Mapping[str, int],
+    *,
+    symmetric: bool = False,
+    allow_full_rank: bool = False,
+) -> CompressionReport:
+    """Replace target layers by randomly initialized factorized layers (for training from scratch)."""
+    plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
+    report = CompressionReport()
+    for name, module, r, form in plan:
+        new = _new_layer(form, module, r)
+        model.set_submodule(name, new)
+        shape = (new.out_features, new.in_features)
+        report.layers.append(
+            LayerReport(name, shape, r, form, _params(module), _params(new), method="random")
+        )
+    return report
+
+
+def factorized_layers(model: nn.Module) -> list[tuple[str, FactorizedLayer]]:
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear | SymmetricLowRankLinear)
+    ]
+
+
+def layer_records(model: nn.Module) -> list[dict]:
+    """The factorized layers as {"name", "shape": [out, in], "rank", "form"}: what rebuild_structure reads."""
+    return [
+        {
+            "name": name,
+            "shape": [layer.out_features, layer.in_features],
+            "rank": layer.rank,
+            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN,
+        }
+        for name, layer in factorized_layers(model)
+    ]
+
+
+def rebuild_structure(model: nn.Module, layers: Sequence[Mapping]) -> None:
+    """Swap in empty factorized layers described by ``{"name", "shape", "rank", "form"}`` records.
+
+    Used to restore a compressed model's structure before loading its state dict.
+    """
+    for spec in layers:
+        name, (out_f, in_f), r, form = spec["name"], spec["shape"], int(spec["rank"]), spec["form"]
+        old = model.get_submodule(name)
+        shape = tuple(linear_weight(old)[0].shape)
+        if shape != (out_f, in_f):
+            raise ValueError(
+                f"layer '{name}' is {shape[0]}×{shape[1]} in this model but {out_f}×{in_f} in the checkpoint"
+            )
+        model.set_submodule(name, _new_layer(form, old, r))

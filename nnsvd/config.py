@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 class Mode(Enum):
@@ -113,10 +113,35 @@ class EvalConfig:
     max_tokens: int | None = None  # cap the evaluated stream for quick runs
 
 
+class CompressMethod(Enum):
+    auto = "auto"  # plain truncated SVD, fastest routine that meets the accuracy bar
+    svd = "svd"  # plain, exact (torch.linalg.svd)
+    gram = "gram"  # plain, exact (eigh of the smaller Gram matrix)
+    randomized = "randomized"  # plain, torch.svd_lowrank
+    asvd = "asvd"  # data-aware: activation-aware scaling (ASVD)
+    whiten = "whiten"  # data-aware: Cholesky whitening of the inputs (SVD-LLM)
+    fwsvd = "fwsvd"  # data-aware: Fisher-weighted rows (FWSVD)
+
+
 @dataclass
 class CompressConfig:
-    method: str = "auto"  # auto | svd | gram | randomized
+    method: CompressMethod = CompressMethod.auto
     allow_full_rank: bool = False  # admit rank = min(m, n): for tests and analysis
+    asvd_alpha: float = 0.5  # asvd: s_j = (mean |x_j|)^alpha
+    damp: float = 0.01  # whiten: lambda = damp * mean(diag XᵀX)
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data for the data-aware methods (asvd, whiten, fwsvd): always from training data."""
+
+    samples: int = 2048  # images (MLP) or sequences (LM)
+    seq_len: int | None = None  # LM: tokens per sequence; null = the evaluation window
+    batch_size: int = 512
+    seed: int = II("seed")  # which samples are drawn; default: the run's seed
+    split: str = "train"  # train | validation; test is refused
+    sequential: bool = False  # calibrate each stage on the model whose earlier stages are compressed
+    fisher: bool | None = None  # collect Fisher (FWSVD's weights); null = when the method needs it
 
 
 @dataclass
@@ -143,6 +168,7 @@ class Config:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0))
     eval: EvalConfig = field(default_factory=EvalConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     rank: int | None = None  # null = dense

@@ -19,10 +19,23 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nnsvd.calibration_data import check_calibration
 from nnsvd.checkpoint import cache_key, clear_train_state, load_train_state, locked, save_train_state
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
-from nnsvd.lowrank import RankError, TargetError, compress_model, lowrank_from_scratch, plan_compression
+from nnsvd.lowrank import (
+    SYMMETRIC,
+    CalibrationError,
+    CompressionReport,
+    RankError,
+    TargetError,
+    compress_model,
+    compress_with_calibration,
+    is_data_aware,
+    lowrank_from_scratch,
+    plan_compression,
+    resolve_factorizer,
+)
 from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
@@ -85,7 +98,12 @@ def run_name(c: Mapping, mode: str) -> str:
     rank = "" if c["rank"] is None else f"-r{c['rank']}"
     reg = regularizer_label(c["regularizer"])
     alpha = f"-a{c['regularizer']['alpha']:g}" if c["regularizer"]["alpha"] > 0 else ""
-    return f"{c['model']['name']}-{mode}{rank}-{reg}{alpha}-s{c['seed']}"
+    method = ""
+    if mode == "compress" and c["compress"]["method"] != "auto":
+        method = f"-{c['compress']['method']}"
+        if is_data_aware(c["compress"]["method"]) and c["calibration"]["sequential"]:
+            method += "-seq"
+    return f"{c['model']['name']}-{mode}{rank}{method}-{reg}{alpha}-s{c['seed']}"
 
 
 def _local_or_name(value: str | None, start: Path) -> str | None:
@@ -115,6 +133,72 @@ def make_task(c: Mapping, device: torch.device, start: Path):
 
         return LanguageModelingTask(c, data_root, device, cache_dir)
     raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2")
+
+
+def method_options(compress: Mapping) -> dict:
+    """The keyword options of the configured method (compress.asvd_alpha, compress.damp)."""
+    return {"asvd": {"alpha": compress["asvd_alpha"]}, "whiten": {"damp": compress["damp"]}}.get(compress["method"], {})
+
+
+def wants_fisher(c: Mapping) -> bool:
+    """calibration.fisher, where null means: when the method needs it (fwsvd)."""
+    fisher = c["calibration"]["fisher"]
+    return c["compress"]["method"] == "fwsvd" if fisher is None else bool(fisher)
+
+
+def check_compression(c: Mapping, mode: str, plan: list) -> None:
+    """One-line ConfigErrors for compression settings that cannot work, before any training."""
+    method, comp = c["compress"]["method"], c["compress"]
+    if not is_data_aware(method):
+        if c["calibration"]["sequential"]:
+            log.warning("calibration.sequential=true has no effect with compress.method=%s (a plain method)", method)
+        return
+    plain = "auto, svd, gram, randomized"
+    if mode == "scratch":
+        raise ConfigError(
+            f"compress.method={method} is data-aware: it factorizes a trained model, but mode=scratch trains "
+            f"factors from random init; use mode=compress, or a plain method ({plain})"
+        )
+    square = [name for name, _, _, form in plan if form == SYMMETRIC]
+    if square:
+        raise ConfigError(
+            f"compress.method={method} has no symmetric form, but regularizer.symmetric=true ties {square[0]}"
+            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({plain})"
+        )
+    if method == "fwsvd" and c["calibration"]["fisher"] is False:
+        raise ConfigError("compress.method=fwsvd weights by the Fisher: calibration.fisher=false is not allowed (use null or true)")
+    if comp["damp"] < 0:
+        raise ConfigError(f"compress.damp={comp['damp']} must be ≥ 0")
+    if comp["asvd_alpha"] < 0:
+        raise ConfigError(f"compress.asvd_alpha={comp['asvd_alpha']} must be ≥ 0")
+    check_calibration(c["calibration"])
+
+
+def compress(task, model, c: Mapping, symmetric: bool, batches: list | None) -> CompressionReport:
+    """Factorize the targets in place: plain SVD of the weights, or a data-aware method on ``batches``."""
+    comp = c["compress"]
+    targets, rank, full = list(c["model"]["targets"]), c["rank"], comp["allow_full_rank"]
+    if batches is None:
+        return compress_model(model, targets, rank, symmetric=symmetric, method=comp["method"], allow_full_rank=full)
+    return compress_with_calibration(
+        model, targets, rank, batches=batches, loss_fn=task.calibration_loss,
+        method=resolve_factorizer(comp["method"], **method_options(comp)),
+        sequential=c["calibration"]["sequential"], fisher=wants_fisher(c), allow_full_rank=full,
+    )
+
+
+def compression_record(c: Mapping, report: CompressionReport, batches: list | None) -> dict:
+    """What results.json and W&B say about how the model was compressed."""
+    comp = c["compress"]
+    record = {"method": comp["method"], "options": method_options(comp), "calibration": None}
+    if batches is not None:
+        cal = c["calibration"]
+        record["calibration"] = {
+            **{k: cal[k] for k in ("samples", "seq_len", "batch_size", "seed", "split", "sequential")},
+            "fisher": wants_fisher(c),
+            "tokens": max((layer.calib_tokens or 0) for layer in report.layers),
+        }
+    return record
 
 
 # ------------------------------------------------------------------ the flows
@@ -213,9 +297,13 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         results["dense_source"] = f"checkpoint:{path}"
     else:
         model = task.build()  # random init (or pretrained): the model trained below
-    # Validate targets and ranks on the architecture before any training.
+    # Validate targets, ranks and the compression settings on the architecture before any training.
+    batches = None
     if mode != "dense":
-        plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
+        plan = plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
+        check_compression(c, mode, plan)
+        if mode == "compress" and is_data_aware(c["compress"]["method"]):
+            batches = task.calibration_batches(c["calibration"], model)
     if mode == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
@@ -239,11 +327,9 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
-        report = compress_model(
-            model, targets, rank, symmetric=symmetric,
-            method=c["compress"]["method"], allow_full_rank=c["compress"]["allow_full_rank"],
-        )
+        report = compress(task, model, c, symmetric, batches)
         timing["compress_s"] = time.perf_counter() - t
+        results["compress"] = compression_record(c, report, batches)
         log.info("compressed %d layers in %.2fs\n%s", len(report.layers), timing["compress_s"], report)
         t = time.perf_counter()
         final = task.evaluate(model)
@@ -339,6 +425,7 @@ def run_job(cfg: DictConfig) -> float | None:
         "metrics": {},
         "params": {},
         "bound": None,
+        "compress": None,
         "layers": [],
         "timing": {"train_s": 0.0, "compress_s": 0.0, "eval_s": 0.0, "total_s": 0.0},
         "checkpoint": None,
@@ -366,7 +453,7 @@ def run_job(cfg: DictConfig) -> float | None:
         run_experiment(c, run_dir, start, tracker, results)
         ok = True
         results["status"] = "ok"
-    except (NNSVDError, RankError, TargetError) as exc:
+    except (NNSVDError, RankError, TargetError, CalibrationError) as exc:
         results["status"], results["error"] = "failed", str(exc)
         log.error("%s", exc)
     except Interrupted as exc:
@@ -387,8 +474,9 @@ def run_job(cfg: DictConfig) -> float | None:
         if tracker is not None:
             if ok:
                 tracker.summary(flatten({k: results[k] for k in ("metrics", "params", "timing")}))
-                if results["bound"]:
-                    tracker.summary(flatten({"bound": results["bound"]}))
+                for key in ("bound", "compress"):
+                    if results.get(key):
+                        tracker.summary(flatten({key: results[key]}))
                 tracker.table("layers", results["layers"])
             tracker.finish(ok)
         restore()

@@ -42,6 +42,7 @@ COLUMNS = [
     "model",
     "mode",
     "rank",
+    "method",  # compress.method of a compress job (with "+seq" when calibrated sequentially)
     "regularizer",
     "alpha",
     "seed",
@@ -106,6 +107,7 @@ def job_row(job_dir: Path) -> dict:
         model=results.get("model"),
         mode=results.get("mode"),
         rank=results.get("rank"),
+        method=_method_label(results.get("compress")),
         regularizer=reg.get("label"),
         alpha=reg.get("alpha"),
         seed=results.get("seed"),
@@ -120,6 +122,14 @@ def job_row(job_dir: Path) -> dict:
         time_s=(results.get("timing") or {}).get("total_s"),
     )
     return row
+
+
+def _method_label(compress: dict | None) -> str | None:
+    """The compression method of a job, e.g. "whiten" or "whiten+seq"; None for dense and scratch jobs."""
+    if not compress:
+        return None
+    calibration = compress.get("calibration") or {}
+    return compress.get("method") + ("+seq" if calibration.get("sequential") else "")
 
 
 def _overrides(job_dir: Path, results: dict | None) -> list[str]:
@@ -162,14 +172,15 @@ def not_ok(rows: Sequence[dict]) -> list[dict]:
 # ------------------------------------------------------------------- curves
 
 
-def line_key(row: dict) -> tuple[str, str, float]:
-    """What one line of the plot holds: (mode, regularizer label, alpha)."""
-    return (row["mode"], row["regularizer"], float(row["alpha"] or 0.0))
+def line_key(row: dict) -> tuple:
+    """What one line of the plot holds: (mode, regularizer label, alpha, method)."""
+    return (row["mode"], row["regularizer"], float(row["alpha"] or 0.0), row.get("method") or "")
 
 
-def line_label(key: tuple[str, str, float]) -> str:
-    mode, regularizer, alpha = key
-    return f"{mode} · {regularizer}" + (f" α={alpha:g}" if alpha > 0 else "")
+def line_label(key: tuple) -> str:
+    mode, regularizer, alpha, method = key
+    plain = method in ("", "auto")
+    return f"{mode}{'' if plain else ' · ' + method} · {regularizer}" + (f" α={alpha:g}" if alpha > 0 else "")
 
 
 def curves(rows: Sequence[dict], model: str) -> dict[tuple[str, str, float], list[tuple[int, float]]]:
@@ -250,6 +261,7 @@ def markdown_table(rows: Sequence[dict], *, title: str) -> str:
         "model",
         "mode",
         "rank",
+        "method",
         "regularizer",
         "alpha",
         metric,
@@ -275,6 +287,7 @@ def markdown_table(rows: Sequence[dict], *, title: str) -> str:
             row["model"],
             row["mode"],
             row["rank"],
+            row.get("method") or "",
             row["regularizer"],
             f"{row['alpha']:g}" if row["alpha"] else "",
             _number(row["value"], row["metric"]),
@@ -423,7 +436,8 @@ def read_reference(path: Path) -> tuple[dict[tuple[str, str, float], list[tuple[
             if not record["rank"]:
                 dense = value
                 continue
-            key = (record["flow"], record["regularizer"], float(record["alpha"] or 0.0))
+            method = "auto" if record["flow"] == "compress" else ""  # the original compressed by plain SVD
+            key = (record["flow"], record["regularizer"], float(record["alpha"] or 0.0), method)
             lines[key].append((int(record["rank"]), value))
     return {key: sorted(points) for key, points in lines.items()}, dense
 

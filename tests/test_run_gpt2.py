@@ -98,6 +98,24 @@ def test_compress_finetune_with_symmetric_penalty(env):
     assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-6)
 
 
+@pytest.mark.parametrize(("method", "extra"), [("asvd", []), ("whiten", []), ("fwsvd", []),
+                                              ("whiten", ["calibration.sequential=true", "model.config.n_layer=2"])])
+def test_data_aware_methods_calibrate_on_the_train_stream(env, method, extra):
+    _, r = cli(env, f"{method}{len(extra)}", "rank=4", f"compress.method={method}", "calibration.samples=6",
+               "calibration.batch_size=4", *extra)
+    assert r["status"] == "ok"
+    cal = r["compress"]["calibration"]
+    assert r["compress"]["method"] == method and cal["split"] == "train"
+    assert cal["seq_len"] is None and cal["tokens"] == 6 * 32  # null seq_len: the eval window (eval.max_length)
+    assert len(r["layers"]) == (8 if extra else 4)
+    for layer in r["layers"]:
+        assert layer["calib_tokens"] == 6 * 32 and 0 < layer["rel_data_error"] < 1
+    if extra:
+        assert "in 2 stage(s)" in (env["base"] / f"{method}{len(extra)}" / "run.log").read_text()
+    m = r["metrics"]
+    assert 1 < m["compressed_test_ppl"] < 50257 and m["dense_test_ppl"] > 1
+
+
 def test_scratch_trains_factorized_gpt2(env):
     _, r = cli(env, "scratch", "mode=scratch", "rank=4", "regularizer=orthonormal")
     assert r["status"] == "ok" and r["mode"] == "scratch" and len(r["layers"]) == 4
@@ -126,6 +144,8 @@ def test_sigterm_during_gpt2_training_resumes_to_identical_results(env, tmp_path
         (["eval.max_length=65"], "eval.max_length=65 is out of range: allowed 2 ≤ eval.max_length ≤ 64"),
         (["train.seq_len=128"], "train.seq_len=128 is above the model's n_positions=64"),
         (["rank=16"], "layer 'transformer.h.0.attn.c_proj' of shape 32×32 (low-rank form): allowed 1 ≤ rank ≤ 15"),
+        (["rank=4", "compress.method=whiten", "calibration.seq_len=65"],
+         "calibration.seq_len=65 is out of range: allowed 1 ≤ calibration.seq_len ≤ 64"),
         (["data.train_file=/nope/train.txt"], "data.train_file: no such file: /nope/train.txt"),
         (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"], "Hub is unreachable"),
     ],

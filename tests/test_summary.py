@@ -50,6 +50,8 @@ def mlp_results(
     dense: float | None = None,
     status: str = "ok",
     error: str | None = None,
+    method: str = "auto",
+    sequential: bool = False,
 ) -> dict:
     """results.json as run_job writes it for the MLP."""
     symmetric = "symmetric" in regularizer
@@ -78,6 +80,7 @@ def mlp_results(
         "metrics": metrics,
         "params": mlp_params(rank, symmetric) if status == "ok" else {},
         "bound": None,
+        "compress": _compress_record(method, sequential) if mode == "compress" and status == "ok" else None,
         "layers": [],
         "timing": {"train_s": 3.0, "compress_s": 0.01, "eval_s": 0.2, "total_s": 3.5},
         "checkpoint": None,
@@ -85,6 +88,14 @@ def mlp_results(
         "run_dir": "/somewhere",
         "main_metric": metrics.get("test_acc"),
     }
+
+
+def _compress_record(method: str, sequential: bool) -> dict:
+    calibration = None
+    if method in ("asvd", "whiten", "fwsvd"):
+        calibration = {"samples": 2048, "seq_len": None, "batch_size": 512, "seed": 42, "split": "train",
+                       "sequential": sequential, "fisher": method == "fwsvd", "tokens": 2048}
+    return {"method": method, "options": {}, "calibration": calibration}
 
 
 def write_job(
@@ -222,12 +233,34 @@ def test_curves_and_dense_reference(sweep):
     rows = summary.collect(sweep)
     lines = summary.curves(rows, "mlp")
     assert lines == {
-        ("compress", "none", 0.0): [(2, 0.41), (8, 0.86)],
-        ("scratch", "symmetric", 0.0): [(2, 0.70), (4, 0.88), (8, 0.93)],
+        ("compress", "none", 0.0, "auto"): [(2, 0.41), (8, 0.86)],
+        ("scratch", "symmetric", 0.0, ""): [(2, 0.70), (4, 0.88), (8, 0.93)],
     }
     assert summary.dense_reference(rows, "mlp") == (0.9612, "dense (this sweep)")
     without_dense = [row for row in rows if row["mode"] != "dense"]
     assert summary.dense_reference(without_dense, "mlp") == (0.9612, "dense (measured by compress jobs)")
+
+
+def test_one_line_per_method(tmp_path):
+    sweep = tmp_path / "methods"
+    jobs = [("svd", False, 2, 0.17), ("svd", False, 8, 0.84), ("whiten", False, 2, 0.21), ("whiten", False, 8, 0.87),
+            ("whiten", True, 8, 0.868)]
+    for num, (method, seq, rank, acc) in enumerate(jobs):
+        overrides = [f"rank={rank}", f"compress.method={method}"] + (["calibration.sequential=true"] if seq else [])
+        write_job(sweep, num, overrides, mlp_results(overrides, mode="compress", rank=rank, acc=acc, dense=0.97,
+                                                     method=method, sequential=seq))
+    rows = summary.collect(sweep)
+    assert [row["method"] for row in rows] == ["svd", "svd", "whiten", "whiten", "whiten+seq"]
+    lines = summary.curves(rows, "mlp")
+    assert lines == {
+        ("compress", "none", 0.0, "svd"): [(2, 0.17), (8, 0.84)],
+        ("compress", "none", 0.0, "whiten"): [(2, 0.21), (8, 0.87)],
+        ("compress", "none", 0.0, "whiten+seq"): [(8, 0.868)],
+    }
+    assert [summary.line_label(key) for key in lines] == [
+        "compress · svd · none", "compress · whiten · none", "compress · whiten+seq · none"]
+    md = summary.markdown_table(rows, title="t")
+    assert "| method |" in md and "| whiten+seq |" in md
 
 
 # --------------------------------------------------------------------- write
@@ -262,8 +295,8 @@ def test_reference_overlay_and_an_empty_plot_render(sweep, tmp_path):
     summary.write_summary(sweep, rows, reference=summary.REFERENCE_CSV)
     assert (sweep / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     published, dense = summary.read_reference(summary.REFERENCE_CSV)
-    assert dense == 0.9049 and published[("compress", "none", 0.0)][0] == (1, 0.1987)
-    assert published[("scratch", "symmetric+orthonormal", 0.01)] == [(8, 0.8218)]
+    assert dense == 0.9049 and published[("compress", "none", 0.0, "auto")][0] == (1, 0.1987)
+    assert published[("scratch", "symmetric+orthonormal", 0.01, "")] == [(8, 0.8218)]
 
     failed_only = [row for row in rows if row["status"] != "ok"]
     summary.plot_summary(tmp_path / "empty.png", failed_only, title="nothing ok")

@@ -9,19 +9,27 @@ One module per concept:
 
 - ``layers``: LowRankLinear (W = A·B), SymmetricLowRankLinear (W = B·Bᵀ), the dense layers they replace;
 - ``factorize``: plain truncated SVD of one matrix (exact, Gram, randomized);
+- ``weighted``: data-aware truncated SVD, Ŵ = L⁻¹·trunc_r(L·W·R)·R⁻¹ (ASVD, whitening, FWSVD);
+- ``calibration``: the input statistics those methods weight by, collected with forward hooks;
+- ``methods``: the methods by name, and ``factorize`` (one method, one weight);
 - ``ranks``: which ranks save parameters;
 - ``report``: what compression did to each layer;
 - ``surgery``: finding targets, swapping layers in, rebuilding saved structures.
 """
 
+from nnsvd.lowrank.calibration import (
+    InputStats,
+    LayerStats,
+    StatsCollector,
+    collect_statistics,
+    sequential_stages,
+)
 from nnsvd.lowrank.factorize import (
-    FACTORIZERS,
     Factorizer,
     Factors,
-    factorize,
     factorize_symmetric,
-    resolve_factorizer,
     svd_auto,
+    svd_exact,
     svd_full,
     svd_gram,
     svd_randomized,
@@ -35,11 +43,21 @@ from nnsvd.lowrank.layers import (
     is_factorizable,
     linear_weight,
 )
+from nnsvd.lowrank.methods import (
+    DATA_AWARE_METHODS,
+    FACTORIZERS,
+    PLAIN_METHODS,
+    factorize,
+    is_data_aware,
+    method_name,
+    resolve_factorizer,
+)
 from nnsvd.lowrank.ranks import RankError, max_useful_rank, validate_rank
 from nnsvd.lowrank.report import CompressionReport, LayerReport
 from nnsvd.lowrank.surgery import (
     TargetError,
     compress_model,
+    compress_with_calibration,
     factorized_layers,
     find_targets,
     layer_records,
@@ -47,9 +65,36 @@ from nnsvd.lowrank.surgery import (
     plan_compression,
     rebuild_structure,
 )
+from nnsvd.lowrank.weighted import (
+    CalibrationError,
+    asvd,
+    damped_cholesky,
+    fwsvd,
+    relative_data_error,
+    weighted_truncation,
+    whiten,
+)
 
 __all__ = [
+    "DATA_AWARE_METHODS",
     "FACTORIZERS",
+    "PLAIN_METHODS",
+    "CalibrationError",
+    "InputStats",
+    "LayerStats",
+    "StatsCollector",
+    "asvd",
+    "collect_statistics",
+    "compress_with_calibration",
+    "damped_cholesky",
+    "fwsvd",
+    "is_data_aware",
+    "method_name",
+    "relative_data_error",
+    "sequential_stages",
+    "svd_exact",
+    "weighted_truncation",
+    "whiten",
     "PLAIN",
     "SYMMETRIC",
     "CompressionReport",

@@ -7,7 +7,7 @@ that error by calibration statistics, are in ``nnsvd.lowrank.weighted``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -21,12 +21,18 @@ class Factors:
     the sketch's leading estimates for the randomized one, None when unknown.
     ``fro_error`` is ‖W − A·B‖_F when the method knows it exactly (the Eckart–Young tail
     √(Σ_{i>r} σ_i²) for exact truncated SVD); otherwise the engine measures the residual.
+    Data-aware methods truncate a weighted matrix L·W·R instead: ``weighted`` is then True
+    and ``singular_values`` is the spectrum of L·W·R (its tail is the weighted error).
     """
 
     A: Tensor
     B: Tensor
     singular_values: Tensor | None = None
     fro_error: float | None = None
+    weighted: bool = False  # singular_values are those of the weighted matrix L·W·R, not of W
+    data_error: float | None = None  # ‖(W − A·B)·Xᵀ‖_F / ‖W·Xᵀ‖_F on calibration data, when known exactly
+    damping: float | None = None  # λ added to the input Gram (whitening)
+    notes: list[str] = field(default_factory=list)  # what the method had to adjust, for the log
 
 
 Factorizer = Callable[..., Factors]
@@ -109,6 +115,12 @@ def svd_randomized(W: Tensor, rank: int, oversample: int | None = None, niter: i
     return f
 
 
+def svd_exact(W: Tensor, rank: int) -> Factors:
+    """Exact truncated SVD by the faster exact route: the Gram eigendecomposition from
+    min(m, n) ≥ 256 on (4–9× faster there), full SVD below (a millisecond or less)."""
+    return svd_gram(W, rank) if min(W.shape) >= 256 else svd_full(W, rank)
+
+
 def svd_auto(W: Tensor, rank: int) -> Factors:
     """Pick the fastest routine that meets the accuracy bar (rule measured in the README).
 
@@ -116,42 +128,14 @@ def svd_auto(W: Tensor, rank: int) -> Factors:
     - min(m, n) ≥ 256: exact via the Gram eigendecomposition (4–9× faster than svd_full);
     - otherwise: svd_full, which is a millisecond or less at that size.
     """
-    small = min(W.shape)
-    if rank * 16 <= small:
+    if rank * 16 <= min(W.shape):
         return svd_randomized(W, rank)
-    if small >= 256:
-        return svd_gram(W, rank)
-    return svd_full(W, rank)
+    return svd_exact(W, rank)
 
 
-FACTORIZERS: dict[str, Factorizer] = {
-    "auto": svd_auto,
-    "svd": svd_full,
-    "gram": svd_gram,
-    "randomized": svd_randomized,
-}
-
-
-def resolve_factorizer(method: str | Factorizer) -> Factorizer:
-    if callable(method):
-        return method
-    if method not in FACTORIZERS:
-        raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(FACTORIZERS)}")
-    return FACTORIZERS[method]
-
-
-def _work_device(t: Tensor) -> torch.device:
-    # MPS has no float64; the factorization then runs on the CPU.
+def work_device(t: Tensor) -> torch.device:
+    """Where float64 factorization of ``t`` runs: its own device, but the CPU for MPS (no float64)."""
     return torch.device("cpu") if t.device.type == "mps" else t.device
-
-
-def factorize(W: Tensor, rank: int, method: str | Factorizer = "auto", **context) -> Factors:
-    """Rank-r factors of an out×in weight: computed in float64, cast back to W's dtype."""
-    W64 = W.detach().to(_work_device(W), torch.float64)
-    f = resolve_factorizer(method)(W64, rank, **context)
-    if f.fro_error is None:
-        f.fro_error = float(torch.linalg.matrix_norm(W64 - f.A @ f.B))
-    return Factors(f.A.to(W.device, W.dtype), f.B.to(W.device, W.dtype), f.singular_values, f.fro_error)
 
 
 def factorize_symmetric(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -160,7 +144,7 @@ def factorize_symmetric(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     S = (W + Wᵀ)/2 = Q·Λ·Qᵀ; keep the r largest eigenvalues clipped at 0 and set
     B = Q_r·diag(√λ_r). Returns (B in W's dtype, eigenvalues of S in descending order).
     """
-    W64 = W.detach().to(_work_device(W), torch.float64)
+    W64 = W.detach().to(work_device(W), torch.float64)
     evals, evecs = torch.linalg.eigh((W64 + W64.T) / 2)
     evals, evecs = evals.flip(0), evecs.flip(1)
     B = evecs[:, :rank] * evals[:rank].clamp_min(0).sqrt()

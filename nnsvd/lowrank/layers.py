@@ -113,7 +113,7 @@ def _init_bias_like_linear(bias: Tensor | None, fan_in: int) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # transformers is heavy to import; a Conv1D instance can only exist once it is loaded.
     if "transformers" not in sys.modules:
         return False
@@ -124,7 +124,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def is_factorizable(module: nn.Module) -> bool:
     """True for the dense layers compress_model can replace: nn.Linear and GPT-2's Conv1D."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -136,7 +136,7 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
         return module.dense_weight(), module.bias
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.weight.T, module.bias
     raise TypeError(f"{type(module).__name__} is not a Linear, Conv1D or factorized layer")
 

@@ -19,6 +19,9 @@ class LayerReport:
     sigma_r1: float | None = None  # σ_{r+1}(W): the spectral error of the plain form
     method: str = ""
     time_s: float = 0.0
+    calib_tokens: int | None = None  # calibration rows (tokens or images) behind a data-aware factorization
+    damping: float | None = None  # λ added to XᵀX (whitening)
+    rel_data_error: float | None = None  # ‖(W − Ŵ)·Xᵀ‖_F / ‖W·Xᵀ‖_F on the calibration data
 
 
 @dataclass

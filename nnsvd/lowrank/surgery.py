@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from nnsvd.lowrank.factorize import Factorizer, factorize, factorize_symmetric, resolve_factorizer
+from nnsvd.lowrank.calibration import LayerStats, LossFn, collect_statistics, sequential_stages, stats_nbytes
+from nnsvd.lowrank.factorize import Factorizer, factorize_symmetric
 from nnsvd.lowrank.layers import (
     PLAIN,
     SYMMETRIC,
@@ -19,8 +21,12 @@ from nnsvd.lowrank.layers import (
     is_factorizable,
     linear_weight,
 )
+from nnsvd.lowrank.methods import factorize, method_name, resolve_factorizer
 from nnsvd.lowrank.ranks import RankError, validate_rank
 from nnsvd.lowrank.report import CompressionReport, LayerReport
+from nnsvd.lowrank.weighted import relative_data_error
+
+log = logging.getLogger(__name__)
 
 
 class TargetError(ValueError):
@@ -127,52 +133,89 @@ def compress_model(
 
     targets: glob patterns over module names (``l1``, ``transformer.h.*.attn.c_attn``).
     rank: one rank for all, or {pattern: rank}. symmetric: square targets get the tied PSD
-    form B·Bᵀ, the others the plain form. method: "auto", "svd", "gram", "randomized" or a
-    Factorizer; ``calibration[name]`` is passed to it as ``calibration=`` for data-aware
-    methods. allow_full_rank: admit r = min(m, n) (tests and analysis only).
+    form B·Bᵀ, the others the plain form. method: a name of ``FACTORIZERS`` or a Factorizer
+    (e.g. ``resolve_factorizer("whiten", damp=0.1)``); ``calibration[name]`` is passed to it
+    as ``calibration=``. When that is a LayerStats, the report also records the calibration
+    tokens, the damping and the relative data error ‖(W − Ŵ)·Xᵀ‖_F / ‖W·Xᵀ‖_F.
+    allow_full_rank: admit r = min(m, n) (tests and analysis only).
     """
     plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
     factorizer = resolve_factorizer(method)
-    method_name = method if isinstance(method, str) else getattr(method, "__name__", "custom")
+    name_of_method = method_name(method)
     report = CompressionReport()
     for name, module, r, form in plan:
         start = time.perf_counter()
         W, bias = linear_weight(module)
         out_f, in_f = W.shape
         new = _new_layer(form, module, r)
-        sigma_r1 = None
+        stats = calibration.get(name) if calibration is not None else None
+        row = LayerReport(name=name, shape=(out_f, in_f), rank=r, form=form, params_before=_params(module),
+                          params_after=_params(new), method=name_of_method)
         W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
         if form == SYMMETRIC:
             B, _ = factorize_symmetric(W, r)
             new.B.copy_(B)
             fro_error = float(torch.linalg.matrix_norm(W.double() - new.dense_weight().double()))
+            row.method = "eigh-psd"
         else:
-            context = {}
-            if calibration is not None and name in calibration:
-                context["calibration"] = calibration[name]
-            f = factorize(W, r, factorizer, **context)
+            f = factorize(W, r, factorizer, **({} if stats is None else {"calibration": stats}))
             new.A.copy_(f.A)
             new.B.copy_(f.B)
             fro_error = f.fro_error
-            if f.singular_values is not None and f.singular_values.numel() > r:
-                sigma_r1 = float(f.singular_values[r])
+            if not f.weighted and f.singular_values is not None and f.singular_values.numel() > r:
+                row.sigma_r1 = float(f.singular_values[r])
+            row.damping, row.rel_data_error = f.damping, f.data_error
+            for note in f.notes:
+                log.warning("layer '%s': %s", name, note)
+        if isinstance(stats, LayerStats):
+            row.calib_tokens = stats.tokens
+            if row.rel_data_error is None:
+                row.rel_data_error = relative_data_error(W.double(), new.dense_weight().double(), stats.gram)
         if bias is not None:
             new.bias.copy_(bias)
         model.set_submodule(name, new)
-        report.layers.append(
-            LayerReport(
-                name=name,
-                shape=(out_f, in_f),
-                rank=r,
-                form=form,
-                params_before=_params(module),
-                params_after=_params(new),
-                rel_fro_error=fro_error / W_norm if W_norm > 0 else 0.0,
-                sigma_r1=sigma_r1,
-                method="eigh-psd" if form == SYMMETRIC else str(method_name),
-                time_s=time.perf_counter() - start,
-            )
-        )
+        row.rel_fro_error = fro_error / W_norm if W_norm > 0 else 0.0
+        row.time_s = time.perf_counter() - start
+        report.layers.append(row)
+    return report
+
+
+def compress_with_calibration(
+    model: nn.Module,
+    targets: Iterable[str],
+    rank: int | Mapping[str, int],
+    *,
+    batches: Sequence,
+    loss_fn: LossFn,
+    method: str | Factorizer,
+    sequential: bool = False,
+    fisher: bool = False,
+    allow_full_rank: bool = False,
+) -> CompressionReport:
+    """Calibrate on ``batches``, then compress with a data-aware method (see compress_model).
+
+    All at once (default): one calibration pass collects every target's statistics from the
+    dense model. ``sequential=True``: the targets are taken in stages (the MLP's l1 then l2; a
+    transformer block by block), and each stage is calibrated on the model whose earlier
+    stages are already compressed, so its inputs are those it will really see (GPTQ's
+    compensating order). The float64 statistics of one stage are freed before the next.
+    """
+    plan = plan_compression(model, targets, rank, symmetric=False, allow_full_rank=allow_full_rank)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    names = sorted((name for name, *_ in plan), key=order.__getitem__)  # stages follow the forward order
+    stages = sequential_stages(names) if sequential else [names]
+    largest = max(stats_nbytes(model, stage, fisher=fisher) for stage in stages)
+    log.info(
+        "calibration: %d batches, %d target layers in %d stage(s); statistics take %.1f MB (float64)%s",
+        len(batches), len(names), len(stages), largest / 2**20, " per stage" if sequential else "",
+    )
+    report = CompressionReport()
+    for stage in stages:
+        stats = collect_statistics(model, stage, batches, loss_fn, fisher=fisher)
+        report.layers += compress_model(
+            model, stage, rank, method=method, allow_full_rank=allow_full_rank, calibration=stats
+        ).layers
+        del stats
     return report
 
 

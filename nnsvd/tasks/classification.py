@@ -9,10 +9,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from nnsvd.bounds import output_error_bound
+from nnsvd.calibration_data import draw_samples
 from nnsvd.checkpoint import load_checkpoint, save_checkpoint
 from nnsvd.data.mnist import MNISTSplits, load_mnist
 from nnsvd.models.mlp import MLP
@@ -102,6 +104,18 @@ class ClassificationTask:
         test_acc, test_loss = evaluate_classifier(model, d.test_x, d.test_y, self.eval_batch)
         val_acc, _ = evaluate_classifier(model, d.val_x, d.val_y, self.eval_batch)
         return {"test_acc": test_acc, "test_loss": test_loss, "val_acc": val_acc}
+
+    def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+        """``cal.samples`` images of the training data (never test), drawn with ``cal.seed``, in batches."""
+        d = self.data
+        x, y = (d.train_x, d.train_y) if cal["split"] == "train" else (d.val_x, d.val_y)
+        idx = draw_samples(len(x), cal, unit="images")
+        return list(zip(x[idx].split(cal["batch_size"]), y[idx].split(cal["batch_size"])))
+
+    @staticmethod
+    def calibration_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
 
     def bound(self, dense: nn.Module, compressed: nn.Module) -> dict:
         """Measured output error and both Lipschitz bounds over the test set (mean and max)."""

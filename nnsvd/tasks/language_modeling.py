@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnsvd.calibration_data import draw_samples
 from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
 from nnsvd.errors import ConfigError
 from nnsvd.lowrank import layer_records
@@ -130,6 +131,25 @@ class LanguageModelingTask:
             "val_ppl": val["ppl"],
             "val_tokens": val["tokens"],
         }
+
+    def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[torch.Tensor]:
+        """``cal.samples`` sequences of ``cal.seq_len`` tokens (null: the evaluation window) from the
+        training stream (never test), drawn with ``cal.seed``, in batches."""
+        n_positions = model.config.n_positions
+        seq_len = cal["seq_len"] or resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], n_positions)[0]
+        if not 1 <= seq_len <= n_positions:
+            raise ConfigError(
+                f"calibration.seq_len={seq_len} is out of range: allowed 1 ≤ calibration.seq_len ≤ {n_positions} "
+                "(the model's n_positions)"
+            )
+        stream = self.ids["train" if cal["split"] == "train" else "validation"]
+        blocks = pack_blocks(stream, seq_len)
+        idx = draw_samples(len(blocks), cal, unit=f"sequences of {seq_len} tokens")
+        return list(blocks[idx].to(self.device).split(cal["batch_size"]))
+
+    @staticmethod
+    def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=batch, labels=batch).loss
 
     @torch.inference_mode()
     def sample(self, model: nn.Module) -> str:

@@ -7,8 +7,12 @@
 (b) forward latency, dense versus compressed, on one 1×1024 sequence, at the per-layer ranks
     that remove half of the target parameters: measured speed-up beside the ideal MAC ratio.
 (c) perplexity-evaluation throughput (evaluate_perplexity) of the dense model.
+(d) data-aware compression: the calibration pass over N×1024 tokens (statistics of all 48
+    targets) against plain forward passes over the same tokens; whiten compression of the 48
+    targets at rank 128 against plain (auto) compression; the statistics' size and the peak
+    memory of calibration + whitening (resident memory on the CPU, allocated memory on CUDA).
 
-Usage: python scripts/bench_gpt2.py [--out outputs/bench_gpt2.json]
+Usage: python scripts/bench_gpt2.py [--out outputs/bench_gpt2.json] [--sections a,b,c,d] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,7 +32,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nnsvd.counting import count_macs
-from nnsvd.lowrank import compress_model, find_targets, linear_weight
+from nnsvd.lowrank import (
+    collect_statistics,
+    compress_model,
+    find_targets,
+    linear_weight,
+    resolve_factorizer,
+    stats_nbytes,
+)
 from nnsvd.models.gpt2 import GPT2_TARGETS
 from nnsvd.perplexity import evaluate_perplexity
 
@@ -158,8 +169,10 @@ def median_latencies(
     times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
         for model, model_times in zip(models, times):
+            _sync(model.device)
             start = time.perf_counter()
             model(input_ids=input_ids)
+            _sync(model.device)
             model_times.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
@@ -213,7 +226,7 @@ def bench_forward(model: GPT2LMHeadModel, runs: int) -> dict:
     report = compress_model(compressed, GPT2_TARGETS, rank=ranks)
     input_ids = torch.randint(
         0, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0)
-    )
+    ).to(model.device)
     dense_s, comp_s = median_latencies([model, compressed], input_ids, runs, warmup=2)
     measured = dense_s / comp_s
     ideal = count_macs(model) / count_macs(compressed)
@@ -265,34 +278,152 @@ def bench_perplexity(model: GPT2LMHeadModel) -> dict:
     }
 
 
+def lm_loss(model: GPT2LMHeadModel, batch: torch.Tensor) -> torch.Tensor:
+    """The LM task's calibration loss (what run.py's calibration pass runs on each batch)."""
+    return model(input_ids=batch, labels=batch).loss
+
+
+def calibration_batches(model: GPT2LMHeadModel, sequences: int, batch_size: int) -> list[torch.Tensor]:
+    ids = torch.randint(0, model.config.vocab_size, (sequences, 1024), generator=torch.Generator().manual_seed(2))
+    return list(ids.to(model.device).split(batch_size))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def child_calibration_memory(sequences: int, batch_size: int, device: str) -> dict:
+    """Run in a fresh process: peak memory of calibration + whiten compression over the built model."""
+    dev = torch.device(device)
+    model = build_model().to(dev)
+    batches = calibration_batches(model, sequences, batch_size)
+    names = find_targets(model, GPT2_TARGETS)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kb("VmRSS") * 1024
+    stats = collect_statistics(model, names, batches, lm_loss)
+    compress_model(model, GPT2_TARGETS, rank=128, method=resolve_factorizer("whiten"), calibration=stats)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status_kb("VmHWM") * 1024
+    return {"before_mb": before / 2**20, "peak_mb": peak / 2**20, "extra_peak_mb": (peak - before) / 2**20,
+            "measure": "cuda max_memory_allocated" if dev.type == "cuda" else "VmHWM − VmRSS"}
+
+
+def bench_data_aware(model: GPT2LMHeadModel, sequences: int, batch_size: int, repeats: int) -> dict:
+    device = model.device
+    batches = calibration_batches(model, sequences, batch_size)
+    names = find_targets(model, GPT2_TARGETS)
+    tokens = sequences * 1024
+    nbytes = stats_nbytes(model, names)
+    print(f"(d) data-aware compression: calibration on {sequences}×1024 random tokens (batch {batch_size}), {device}")
+    print(f"  statistics of the 48 targets (float64 Gram + mean |x|): {nbytes / 2**20:.0f} MB")
+
+    def forward_pass() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                lm_loss(model, batch)
+
+    forward_pass()  # warm-up
+    forward_s, calib_s, stats = [], [], None
+    for _ in range(repeats):  # alternate, so that load from other processes falls on both alike
+        _sync(device)
+        start = time.perf_counter()
+        forward_pass()
+        _sync(device)
+        forward_s.append(time.perf_counter() - start)
+        del stats
+        start = time.perf_counter()
+        stats = collect_statistics(model, names, batches, lm_loss)
+        _sync(device)
+        calib_s.append(time.perf_counter() - start)
+    fwd, cal = statistics.median(forward_s), statistics.median(calib_s)
+    print(f"  forward passes {fwd:.2f} s, calibration {cal:.2f} s (medians of {repeats}) → {cal / fwd:.2f}× (target ≤ 2.5×)")
+
+    plain_s, whiten_s = [], []
+    whiten = resolve_factorizer("whiten")
+    for _ in range(repeats):
+        for method, times, calibration in (("auto", plain_s, None), (whiten, whiten_s, stats)):
+            work = copy.deepcopy(model)
+            _sync(device)
+            start = time.perf_counter()
+            report = compress_model(work, GPT2_TARGETS, rank=128, method=method, calibration=calibration)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            del work
+    plain, white = statistics.median(plain_s), statistics.median(whiten_s)
+    worst = max(layer.rel_data_error for layer in report.layers)
+    print(f"  compression of 48 targets at rank 128: plain (auto) {plain:.2f} s, whiten {white:.2f} s "
+          f"→ {white / plain:.2f}× (target ≤ 2×); worst relative data error {worst:.3f}")
+    memory = json.loads(subprocess.run(
+        [sys.executable, __file__, "--child-calibration", str(sequences), str(batch_size), str(device)],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip().splitlines()[-1])
+    print(f"  peak extra memory of calibration + whitening ({memory['measure']}): {memory['extra_peak_mb']:.0f} MB "
+          f"over the model's {memory['before_mb']:.0f} MB\n")
+    return {
+        "device": str(device),
+        "sequences": sequences,
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "statistics_mb": nbytes / 2**20,
+        "forward_s": forward_s,
+        "calibration_s": calib_s,
+        "calibration_over_forward": cal / fwd,
+        "plain_compress_s": plain_s,
+        "whiten_compress_s": whiten_s,
+        "whiten_over_plain": white / plain,
+        "worst_rel_data_error": worst,
+        "memory": memory,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/bench_gpt2.json", help="where to write the JSON results")
     parser.add_argument("--repeats", type=int, default=3, help="method=auto repeats after the first call")
     parser.add_argument("--compare-repeats", type=int, default=2, help="runs of method=svd / randomized")
     parser.add_argument("--runs", type=int, default=10, help="timed forward passes per model")
+    parser.add_argument("--sections", default="a,b,c,d", help="which of the sections a, b, c, d to run")
+    parser.add_argument("--device", default="cpu", help="device of sections b, c and d (e.g. cuda)")
+    parser.add_argument("--calib-seqs", type=int, default=8, help="(d) calibration sequences of 1024 tokens")
+    parser.add_argument("--calib-batch", type=int, default=2, help="(d) calibration batch size")
     parser.add_argument("--child-memory", nargs=2, metavar=("RANK", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-calibration", nargs=3, metavar=("SEQS", "BATCH", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         print(json.dumps(child_peak_memory(int(args.child_memory[0]), args.child_memory[1])))
         return
+    if args.child_calibration:
+        seqs, batch, device = args.child_calibration
+        print(json.dumps(child_calibration_memory(int(seqs), int(batch), device)))
+        return
+    sections = set(args.sections.split(","))
 
     wall = time.perf_counter()
     env = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "device": "cpu",
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else None,
         "loadavg_start": os.getloadavg(),
     }
-    print(f"GPT-2 small, random init (seed 0); torch {env['torch']}, {env['threads']} CPU threads\n")
+    print(f"GPT-2 small, random init (seed 0); torch {env['torch']}, {env['threads']} CPU threads, {args.device}\n")
     model = build_model()
-    results = {
-        "env": env,
-        "compression": bench_compression(model, args.repeats, args.compare_repeats),
-        "forward": bench_forward(model, args.runs),
-        "perplexity": bench_perplexity(model),
-    }
+    results = {"env": env}
+    if "a" in sections:
+        results["compression"] = bench_compression(model, args.repeats, args.compare_repeats)
+    model = model.to(args.device)
+    if "b" in sections:
+        results["forward"] = bench_forward(model, args.runs)
+    if "c" in sections:
+        results["perplexity"] = bench_perplexity(model)
+    if "d" in sections:
+        results["data_aware"] = bench_data_aware(model, args.calib_seqs, args.calib_batch, args.repeats)
     env["loadavg_end"] = os.getloadavg()
     results["total_s"] = time.perf_counter() - wall
     out = Path(args.out)

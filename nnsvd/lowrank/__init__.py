@@ -23,6 +23,7 @@ from nnsvd.lowrank.calibration import (
     StatsCollector,
     collect_statistics,
     sequential_stages,
+    stats_nbytes,
 )
 from nnsvd.lowrank.factorize import (
     Factorizer,
@@ -92,6 +93,7 @@ __all__ = [
     "method_name",
     "relative_data_error",
     "sequential_stages",
+    "stats_nbytes",
     "svd_exact",
     "weighted_truncation",
     "whiten",

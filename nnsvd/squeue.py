@@ -17,6 +17,7 @@ sacct polling, and its warnings when sacct fails there.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
@@ -46,7 +47,7 @@ class SqueueWatcher(SlurmInfoWatcher):
         if not self._registered - self._finished:
             return None
         # All of this user's jobs, finished ones included: a job that is missing has ended.
-        return ["squeue", "--me", "--noheader", "--states=all", "--format=%i|%T|%N"]
+        return ["squeue", f"--user={os.getuid()}", "--noheader", "--states=all", "--format=%i|%T|%N"]
 
     def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
         text = string.decode() if isinstance(string, bytes) else string

@@ -141,10 +141,13 @@ stop() {
             sleep 0.2
         done
     fi
-    local name pid
+    local name pid pids=()
     for name in slurmd slurmctld munged; do
         pid=$(live_pid "$dir/run/$name.pid") || continue
-        kill -TERM "$pid" 2>/dev/null || true
+        kill -TERM "$pid" 2>/dev/null && pids+=("$name:$pid")
+    done
+    for entry in "${pids[@]}"; do
+        name=${entry%%:*} pid=${entry#*:}
         for _ in $(seq 100); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1

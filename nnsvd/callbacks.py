@@ -1,4 +1,4 @@
-"""Hydra callbacks: the sweep summary written when a multirun ends.
+"""Hydra callbacks: the sweep summary written when a multirun ends, and SLURM job states.
 
 Enable it in the config (or on the command line with ``+hydra.callbacks.summary._target_=...``)::
 
@@ -90,3 +90,15 @@ def wandb_settings(config: DictConfig) -> dict:
 def sweep_failed() -> bool:
     """Whether the last multirun had a job that did not finish ok, or its summary failed."""
     return bool(SweepSummary.failed_jobs)
+
+
+class SlurmJobStates(Callback):
+    """Before a SLURM sweep submits its jobs: on a cluster without accounting, submitit reads the
+    job states from squeue instead of failing on sacct at every poll (see ``nnsvd.squeue``)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+        if launcher.endswith(".SlurmLauncher"):
+            from nnsvd.squeue import use_squeue_without_accounting
+
+            use_squeue_without_accounting()

@@ -171,5 +171,10 @@ def load_train_state(run_dir: Path, phase: str, load: Callable) -> tuple[nn.Modu
     return model, trainer
 
 
+def has_train_state(run_dir: Path) -> bool:
+    """Whether an interrupted training phase saved its state in ``run_dir``."""
+    return (Path(run_dir) / RESUME_DIR / TRAINER).is_file()
+
+
 def clear_train_state(run_dir: Path) -> None:
     shutil.rmtree(Path(run_dir) / RESUME_DIR, ignore_errors=True)

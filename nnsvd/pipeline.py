@@ -20,7 +20,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nnsvd.calibration_data import check_calibration
-from nnsvd.checkpoint import cache_key, clear_train_state, load_train_state, locked, save_train_state
+from nnsvd.checkpoint import (
+    cache_key,
+    clear_train_state,
+    has_train_state,
+    load_train_state,
+    locked,
+    save_train_state,
+)
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import (
@@ -36,6 +43,7 @@ from nnsvd.lowrank import (
     plan_compression,
     resolve_factorizer,
 )
+from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
 from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
@@ -362,7 +370,9 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
 
 def _install_stop_handlers():
     """SIGTERM (how SLURM preempts) and SIGINT ask training to stop and save; a second SIGINT
-    stops at once. Returns a function that restores the previous handlers."""
+    stops at once. In a SLURM job of submitit's, so does submitit's time-limit signal (USR2), whose
+    own handler runs once the state is saved (``requeue.hand_back``). Returns a function that
+    restores the previous handlers."""
     STOP.clear()
     _received.clear()
     if threading.current_thread() is not threading.main_thread():
@@ -376,7 +386,10 @@ def _install_stop_handlers():
         _received.append(signum)
         STOP.set()
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if (usr := requeue_signal()) is not None:
+        signals.append(usr)
+    previous = {sig: signal.signal(sig, request_stop) for sig in signals}
 
     def restore() -> None:
         for sig, handler in previous.items():
@@ -401,6 +414,15 @@ def run_job(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
+    if restart_count() and not c["resume"]:
+        # SLURM ran this job before, in this job dir: never start over what it saved.
+        c["resume"] = True
+        if has_train_state(run_dir) or (read_results(run_dir) or {}).get("status") == "ok":
+            log.info("SLURM requeued job %s (restart %d): continuing where it stopped, as with resume=true",
+                     slurm_job_id(), restart_count())
+        else:
+            log.warning("SLURM requeued job %s (restart %d) but %s holds no saved state (the job was killed before "
+                        "it could save): starting over", slurm_job_id(), restart_count(), run_dir)
     if c["resume"]:
         previous = read_results(run_dir)
         if previous and previous.get("status") == "ok":
@@ -484,6 +506,8 @@ def run_job(cfg: DictConfig) -> float | None:
         if multirun:
             if signal.SIGINT in _received:
                 raise KeyboardInterrupt  # Ctrl-C stops the whole sweep; resume=true picks it up
+            if results["status"] == "interrupted" and in_slurm_job():
+                hand_back(_received)  # requeue: the next run continues from the saved state
             return None
         sys.exit(1)
     log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})

@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline data folder (NNSVD_TEST_DATA) and subprocess helpers."""
+"""Shared fixtures: the offline data folder (NNSVD_TEST_DATA), a local SLURM cluster, subprocess helpers."""
 
 from __future__ import annotations
 
@@ -30,6 +30,38 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SLURM_SCRIPT = REPO / "scripts" / "local_slurm.sh"
+
+
+def _slurm_unavailable(reason: str):
+    """Skip, or fail where NNSVD_REQUIRE_SLURM=1 (CI) says the SLURM tests must run."""
+    if os.environ.get("NNSVD_REQUIRE_SLURM") == "1":
+        pytest.fail(f"NNSVD_REQUIRE_SLURM=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> dict[str, str]:
+    """A throwaway single-node SLURM cluster (scripts/local_slurm.sh) for the session; yields the
+    environment that points commands and sweeps at it ({"SLURM_CONF": ...}), then stops it."""
+    import subprocess
+
+    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch") if shutil.which(c) is None]
+    if missing:
+        _slurm_unavailable(f"SLURM is not installed ({', '.join(missing)} missing): "
+                           "apt-get install slurmctld slurmd slurm-client munge")
+    if os.geteuid() != 0:
+        _slurm_unavailable("the local SLURM cluster needs root (slurmd runs the jobs)")
+    directory = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", str(SLURM_SCRIPT), "start", str(directory)], capture_output=True, text=True,
+                           timeout=120)
+    if start.returncode != 0:
+        _slurm_unavailable(f"the local SLURM cluster did not start: {start.stderr.strip()}")
+    conf = start.stdout.strip().removeprefix("export SLURM_CONF=")
+    yield {"SLURM_CONF": conf}
+    subprocess.run(["bash", str(SLURM_SCRIPT), "stop", str(directory)], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

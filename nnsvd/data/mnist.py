@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,16 @@ def _read(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     return ds.data, ds.targets
 
 
+def _unpack_lock(root: Path):
+    """Parallel jobs of a sweep on a fresh data root: one unpacks the .gz files, the others wait
+    (torchvision unpacks in place, and a job reading a half-written file fails). Nothing is
+    unpacked into a folder that is missing or read-only, so there is nothing to lock there."""
+    from filelock import FileLock
+
+    raw = root / "MNIST" / "raw"
+    return FileLock(str(raw / ".unpack.lock")) if raw.is_dir() and os.access(raw, os.W_OK) else nullcontext()
+
+
 def load_mnist(
     root: str | Path, *, val_size: int = 5000, seed: int = 42, download: bool = True, device: str | torch.device = "cpu"
 ) -> MNISTSplits:
@@ -50,8 +62,9 @@ def load_mnist(
     The 60k training images are split by a seeded permutation into 60k − val_size / val_size.
     """
     root = Path(root)
-    train_x, train_y = _read(root, True, download)
-    test_x, test_y = _read(root, False, download)
+    with _unpack_lock(root):
+        train_x, train_y = _read(root, True, download)
+        test_x, test_y = _read(root, False, download)
     if not 0 < val_size < len(train_x):
         raise DataError(f"data.val_size={val_size} must be between 1 and {len(train_x) - 1}")
 

@@ -1,17 +1,23 @@
-"""Structured-config schema: dataclasses registered in Hydra's ConfigStore.
+"""Structured-config schema: dataclasses registered in Hydra's ConfigStore, and the resolver
+that names run directories.
 
 The YAML files under conf/ extend these schemas, so a misspelled key or a value of the
-wrong type fails at start with Hydra's own message.
+wrong type fails at start with Hydra's own message. The schemas live in their own group,
+``schema/<group>``, so they are never offered as options of ``model``, ``data`` or
+``regularizer``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Mode(Enum):
@@ -102,7 +108,7 @@ class TrainConfig:
     grad_clip: float | None = None
     grad_accum: int = 1
     eval_every: int = 0
-    seq_len: int = 128
+    seq_len: int | None = None  # GPT-2 tokens per training sequence; null = the model's n_positions
 
 
 @dataclass
@@ -153,11 +159,81 @@ class Config:
     resume: bool = False
 
 
+# ----------------------------------------------------------------- directory names
+
+NAME_LIMIT = 150  # characters of overrides in a directory name; longer sets are cut and hashed
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what Hydra's override grammar and shells take unquoted
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("-", text).strip("-")
+
+
+def _override_item(line: str) -> str:
+    """``key=value`` → ``key-value``: brackets and quotes dropped, list commas as ``+``, a path
+    value as its last component (``checkpoint=runs/…/12-00-00_rank-8`` → ``checkpoint-12-00-00_rank-8``)."""
+    key, sep, value = line.lstrip("+~").partition("=")
+    if not sep:
+        return _safe(key)
+    value = value.strip("'\"")
+    if "/" in value:
+        parts = [p for p in value.split("/") if p]
+        if len(parts) > 1 and parts[-1] == "model.safetensors":
+            parts.pop()
+        value = parts[-1] if parts else value
+    value = re.sub(r"[\[\]{}()'\"]", "", value).replace(",", "+")
+    return f"{_safe(key)}-{_safe(value)}"
+
+
+def override_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """A readable name for a set of command-line overrides that is safe as a directory name and
+    as an unquoted Hydra override value: ``rank=8 regularizer=symmetric`` → ``rank-8_regularizer-symmetric``.
+
+    Items are sorted (like Hydra's override_dirname) and joined by ``_``; keys in ``exclude``
+    and Hydra's own overrides are left out. A name longer than NAME_LIMIT is cut at an item
+    boundary and ends in a hash of the whole set, so it stays unique.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    items = []
+    for line in overrides:
+        key = parser.parse_override(line).key_or_group
+        if key in exclude or key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        items.append(_override_item(line))
+    items.sort()
+    name = "_".join(items)
+    if len(name) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    kept = ""
+    for item in items:
+        if len(kept) + len(item) + 1 > NAME_LIMIT - len(digest) - 1:
+            break
+        kept = f"{kept}_{item}" if kept else item
+    return f"{kept}_{digest}" if kept else digest
+
+
+def job_dirname(prefix: Any, *, _root_: Any) -> str:
+    """``${nnsvd.dirname:PREFIX}``: PREFIX, then the job's overrides as ``override_name`` writes them.
+
+    It reads ``hydra.overrides.task`` and ``hydra.job.config.override_dirname.exclude_keys``,
+    as Hydra's ``${hydra.job.override_dirname}`` does. With no overrides the name is PREFIX alone.
+    """
+    overrides = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
+    exclude = OmegaConf.select(_root_, "hydra.job.config.override_dirname.exclude_keys", default=None) or []
+    name = override_name(list(overrides), list(exclude))
+    return f"{prefix}_{name}" if name else str(prefix)
+
+
 def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore and register the ``nnsvd.dirname`` resolver."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="mlp_schema", node=MLPConfig)
-    cs.store(group="model", name="gpt2_schema", node=GPT2ModelConfig)
-    cs.store(group="data", name="mnist_schema", node=MNISTDataConfig)
-    cs.store(group="data", name="text_schema", node=TextDataConfig)
-    cs.store(group="regularizer", name="regularizer_schema", node=RegularizerConfig)
+    cs.store(group="schema/model", name="mlp", node=MLPConfig)
+    cs.store(group="schema/model", name="gpt2", node=GPT2ModelConfig)
+    cs.store(group="schema/data", name="mnist", node=MNISTDataConfig)
+    cs.store(group="schema/data", name="text", node=TextDataConfig)
+    cs.store(group="schema/regularizer", name="regularizer", node=RegularizerConfig)
+    OmegaConf.register_new_resolver("nnsvd.dirname", job_dirname, replace=True)

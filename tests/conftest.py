@@ -45,10 +45,13 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(args: list[str], run_dir: Path, *, data_root: Path | None = None, cache: Path | None = None,
-            env: dict | None = None, check: bool = True, multirun: bool = False, timeout: int = 600):
+def run_cli(args: list[str], run_dir: Path | None, *, data_root: Path | None = None, cache: Path | None = None,
+            env: dict | None = None, check: bool = True, multirun: bool = False, timeout: int = 600,
+            cwd: Path = REPO, prefix: list[str] | None = None):
     """Run ``python run.py ARGS`` as a user would, with its output under run_dir.
 
+    run_dir None: Hydra names the directory itself, under ``cwd``/outputs. ``prefix`` goes before
+    the command (e.g. ``["unshare", "--net"]``).
     Returns (completed process, results.json as dict or None).
     """
     import json
@@ -64,17 +67,17 @@ def run_cli(args: list[str], run_dir: Path, *, data_root: Path | None = None, ca
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    extra = [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
+    extra = [] if run_dir is None else [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
     if cache is not None:
         extra.append(f"cache.dir={cache}")
     if not any(a.startswith("wandb.mode=") for a in args):
         extra.append("wandb.mode=disabled")
-    cmd = [sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *args, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    cmd = [*(prefix or []), sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *args, *extra]
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    results_file = run_dir / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else None
+    results_file = None if run_dir is None else run_dir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file and results_file.exists() else None
     return proc, results
 
 

@@ -112,6 +112,33 @@ def test_checkpoint_reloads_compressed_model_with_identical_metrics(env, dense_r
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _only(pattern: str, where: Path) -> Path:
+    found = list(where.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_suite_directories_work_unquoted_as_checkpoint(env, dense_run, tmp_path):
+    """The run and sweep-job directories that run.py names itself pass back as checkpoint=DIR."""
+    kw = {"data_root": env["data_root"], "cache": env["cache"], "cwd": tmp_path}
+    run_cli([*QUICK, "rank=4", "regularizer=symmetric", "model.targets=[l1,l2]"], None, **kw)
+    source = _only("outputs/runs/*/*", tmp_path)
+    assert source.name.endswith("_model.targets-l1+l2_rank-4_regularizer-symmetric_train.epochs-2")
+    assert "=" not in source.name and "," not in source.name
+    proc, _ = run_cli([f"checkpoint={source.relative_to(tmp_path)}"], None, **kw)
+    reloaded = _only("outputs/runs/*/*_checkpoint-*", tmp_path)
+    assert reloaded.name.endswith(f"_checkpoint-{source.name}")
+    before, after = (json.loads((d / "results.json").read_text()) for d in (source, reloaded))
+    assert after["status"] == "ok" and after["metrics"]["test_acc"] == before["metrics"]["test_acc"]
+
+    run_cli([*QUICK, "rank=2,8"], None, multirun=True, **kw)
+    job = _only("outputs/multirun/*/*/1_rank-8_train.epochs-2", tmp_path)
+    proc, _ = run_cli([f"checkpoint={job}", "wandb.mode=disabled"], None, **kw)
+    reloaded = _only("outputs/runs/*/*_checkpoint-1_rank-8_train.epochs-2", tmp_path)
+    assert json.loads((reloaded / "results.json").read_text())["metrics"]["test_acc"] == json.loads(
+        (job / "results.json").read_text())["metrics"]["test_acc"]
+
+
 def test_dense_checkpoint_feeds_compress(env, dense_run):
     run_dir, _, dense = dense_run
     proc, r = cli(env, "ckpt_compress", f"checkpoint={run_dir}", "rank=16")
@@ -165,6 +192,7 @@ def test_bad_input_fails_before_training_with_one_line(env, args, match, tmp_pat
 @pytest.mark.parametrize(("args", "match"), [(["rank=abc"], "could not be converted to Integer"),
                                               (["rank=8.5"], "could not be converted to Integer"),
                                               (["model=foo"], "Could not find 'model/foo'"),
+                                              (["model=mlp_schema", "rank=8"], "Could not find 'model/mlp_schema'"),
                                               (["regularizer=foo"], "Could not find 'regularizer/foo'")])
 def test_config_errors_are_hydras_own(env, args, match):
     r = _fails(env, re.sub(r"[^A-Za-z0-9]+", "_", "cfg_" + args[0]), *args, match=match)

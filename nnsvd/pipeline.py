@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nnsvd.checkpoint import cache_key, clear_train_state, load_train_state, locked, save_train_state
+from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import RankError, TargetError, compress_model, lowrank_from_scratch, plan_compression
@@ -368,17 +369,14 @@ def run_job(cfg: DictConfig) -> float | None:
         results["status"] = "ok"
     except (NNSVDError, RankError, TargetError) as exc:
         results["status"], results["error"] = "failed", str(exc)
-        log.error("%s", exc)
     except Interrupted as exc:
         results["status"], results["error"] = "interrupted", str(exc)
-        log.error("%s", exc)
     except KeyboardInterrupt:
         results["status"], results["error"] = "interrupted", "interrupted before training could save its state"
-        log.error("interrupted")
-    except Exception as exc:  # a bug, not bad input: keep the traceback in the log
-        results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a bug, not bad input: keep the traceback in the run directory
         (run_dir / "traceback.txt").write_text(traceback.format_exc())
-        log.error("failed with %s: %s (traceback in %s)", type(exc).__name__, exc, run_dir / "traceback.txt")
+        results["status"] = "failed"
+        results["error"] = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'traceback.txt'})"
     finally:
         results["timing"]["total_s"] = time.perf_counter() - started
         main = results["metrics"].get("test_acc", results["metrics"].get("test_ppl"))
@@ -392,11 +390,14 @@ def run_job(cfg: DictConfig) -> float | None:
                 tracker.table("layers", results["layers"])
             tracker.finish(ok)
         restore()
+    if ok:
+        log.info("metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})
+    # The last line of every run: where it is, and its main metric or its error (stderr on failure).
+    log.log(logging.INFO if ok else logging.ERROR, "%s", closing_line(results, run_dir, start))
     if not ok:
         if multirun:
             if signal.SIGINT in _received:
                 raise KeyboardInterrupt  # Ctrl-C stops the whole sweep; resume=true picks it up
             return None
         sys.exit(1)
-    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})
     return main

@@ -49,6 +49,10 @@ def test_dense_run_trains_evaluates_and_records_everything(dense_run):
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "model.json").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "run.log").is_file()
     assert "dense epoch=2" in (run_dir / "run.log").read_text()
+    # the last line says where the run is and its main metric; nothing went to stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert f"ok: test_acc={r['metrics']['test_acc']:.4f} (mlp dense); run directory {run_dir}" in last
+    assert proc.stderr.strip() == ""
 
 
 def test_compress_reuses_the_cached_dense_model(env, dense_run):
@@ -165,8 +169,14 @@ def _fails(env, name, *args, match: str):
     proc, r = cli(env, name, *args, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert match in out, out
+    assert match in proc.stderr, out  # errors go to stderr
     assert "Traceback" not in out, out
+    if r is not None:  # a run directory exists: the error is in run.log, and the run ends with one line
+        run_dir = env["base"] / name
+        assert match in (run_dir / "run.log").read_text()
+        last = proc.stderr.strip().splitlines()[-1]
+        assert match in last and last.endswith(f"; run directory {run_dir}"), last
+        assert match not in proc.stdout
     return r
 
 

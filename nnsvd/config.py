@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -225,6 +225,75 @@ def job_dirname(prefix: Any, *, _root_: Any) -> str:
     exclude = OmegaConf.select(_root_, "hydra.job.config.override_dirname.exclude_keys", default=None) or []
     name = override_name(list(overrides), list(exclude))
     return f"{prefix}_{name}" if name else str(prefix)
+
+
+# ------------------------------------------------------------- checkpoint=DIR alone
+
+
+def explicit_model_keys(overrides: Sequence[str]) -> set[str]:
+    """The model.* keys set on the command line (``model.hidden=32`` → ``hidden``;
+    ``model.config.n_layer=2`` → ``config.n_layer``): a checkpoint must agree with them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = (parser.parse_override(line).key_or_group for line in overrides)
+    return {key[len("model."):] for key in keys if key.startswith("model.")}
+
+KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny")}  # model options that build each kind
+
+
+def checkpoint_overrides(args: Sequence[str], defaults: Mapping[str, str]) -> list[str]:
+    """The ``model=`` (and ``data=``) overrides that ``checkpoint=DIR`` on the command line implies.
+
+    run.py adds them before Hydra composes, so ``checkpoint=DIR`` needs nothing else. The kind
+    comes from DIR's files (model.json: MLP; config.json + nnsvd_layers.json: GPT-2). Where DIR
+    is a run directory, the choices of the run that made it (``.hydra/hydra.yaml``, e.g.
+    model=gpt2_tiny with data=text_files) are taken; its data choice also with a user's model=. Nothing is added for a group the command
+    line sets, for a choice equal to the primary config's default (``defaults``), or when DIR is
+    not a readable checkpoint: the run then fails with its own message. A ``model=`` that does
+    not fit DIR is refused by the run itself, with one line naming both.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from nnsvd.checkpoint import CheckpointError, checkpoint_info
+
+    parser = OverridesParser.create()
+    given: dict[str, Any] = {}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports it
+        given[override.key_or_group] = override
+    if "checkpoint" not in given:
+        return []
+    ckpt = given["checkpoint"]
+    paths = list(ckpt.sweep_string_iterator()) if ckpt.is_sweep_override() else [ckpt.value()]
+    try:
+        infos = [checkpoint_info(str(p)) for p in paths if p is not None]
+    except CheckpointError:
+        return []
+    kinds = {info.kind for info in infos}
+    if len(kinds) != 1:
+        return []
+    kind = kinds.pop()
+    chosen = {}
+    for group in ("model", "data"):
+        options = {info.choices.get(group) for info in infos}
+        if len(options) == 1 and None not in options:
+            chosen[group] = options.pop()
+    if chosen.get("model") not in KIND_OPTIONS[kind]:
+        chosen = {"model": KIND_OPTIONS[kind][0]}  # a bare directory, or made by another model option
+    if "model" in given:
+        chosen = {k: v for k, v in chosen.items() if k != "model"}
+        user_model = given["model"].value()
+        if user_model not in KIND_OPTIONS[kind]:
+            return []  # the run refuses it, naming both
+    return [f"{group}={option}" for group, option in chosen.items()
+            if group not in given and option != defaults.get(group)]
 
 
 def register_configs() -> None:

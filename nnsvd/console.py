@@ -45,4 +45,7 @@ def closing_line(results: Mapping, run_dir: Path, start: Path) -> str:
     what = " ".join(str(x) for x in (results["model"], results["mode"]) if x)
     if results.get("rank") is not None:
         what += f" rank {results['rank']}"
+    source = results.get("from_checkpoint")
+    if results.get("flow") == "evaluate" and source:
+        what += f", evaluated from checkpoint {shown_path(Path(source['path']), start)}"
     return f"ok: {value} ({what}); {where}"

@@ -19,11 +19,33 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nnsvd.checkpoint import cache_key, clear_train_state, load_train_state, locked, save_train_state
+from nnsvd.checkpoint import (
+    KINDS,
+    CheckpointInfo,
+    cache_key,
+    checkpoint_info,
+    clear_train_state,
+    load_train_state,
+    locked,
+    save_train_state,
+)
+from nnsvd.config import KIND_OPTIONS, explicit_model_keys
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
-from nnsvd.lowrank import RankError, TargetError, compress_model, lowrank_from_scratch, plan_compression
+from nnsvd.lowrank import (
+    PLAIN,
+    SYMMETRIC,
+    CompressionReport,
+    LayerReport,
+    RankError,
+    SymmetricLowRankLinear,
+    TargetError,
+    compress_model,
+    factorized_layers,
+    lowrank_from_scratch,
+    plan_compression,
+)
 from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
@@ -59,6 +81,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_mode(c: Mapping) -> str:
+    """The flow this run takes: dense, compress, scratch, or evaluate (a checkpoint as it is).
+
+    mode=null means dense without a rank and compress with one; a checkpoint without a rank is
+    evaluated as it is, whatever it holds.
+    """
     mode = c["mode"] or ("dense" if c["rank"] is None else "compress")
     if mode in ("compress", "scratch") and c["rank"] is None:
         raise ConfigError(f"mode={mode} needs a rank: add rank=R (e.g. rank=8)")
@@ -66,7 +93,7 @@ def resolve_mode(c: Mapping) -> str:
         raise ConfigError(f"mode=dense takes no rank (got rank={c['rank']}); use mode=compress or mode=scratch")
     if mode == "scratch" and c["checkpoint"]:
         raise ConfigError("mode=scratch trains from random init and takes no checkpoint; drop checkpoint=")
-    return mode
+    return "evaluate" if mode == "dense" and c["checkpoint"] else mode
 
 
 def absolute(path: str | None, start: Path) -> Path | None:
@@ -82,11 +109,60 @@ def regularizer_label(reg: Mapping) -> str:
     return "+".join(parts) or "none"
 
 
-def run_name(c: Mapping, mode: str) -> str:
-    rank = "" if c["rank"] is None else f"-r{c['rank']}"
-    reg = regularizer_label(c["regularizer"])
-    alpha = f"-a{c['regularizer']['alpha']:g}" if c["regularizer"]["alpha"] > 0 else ""
-    return f"{c['model']['name']}-{mode}{rank}-{reg}{alpha}-s{c['seed']}"
+def run_name(results: Mapping, flow: str) -> str:
+    """The W&B run name: model, mode, rank, regularizer and seed (mlp-compress-r8-symmetric-s42);
+    a checkpoint evaluated as it is says so (…-s42-from-checkpoint)."""
+    reg = results["regularizer"]
+    rank = "" if results["rank"] is None else f"-r{results['rank']}"
+    alpha = f"-a{reg['alpha']:g}" if (reg.get("alpha") or 0) > 0 else ""
+    tail = "-from-checkpoint" if flow == "evaluate" else ""
+    return f"{results['model']}-{results['mode']}{rank}-{reg['label']}{alpha}-s{results['seed']}{tail}"
+
+
+def describe_regularizer(reg: Mapping) -> dict:
+    return {
+        "name": reg["name"],
+        "label": regularizer_label(reg),
+        "symmetric": reg["symmetric"],
+        "alpha": reg["alpha"],
+        "effective": True,
+    }
+
+
+def describe_checkpoint(info: CheckpointInfo) -> dict:
+    """Mode, rank, regularizer and seed of a checkpoint: as saved with it, else read off its layers
+    (a checkpoint from elsewhere: "dense" without factorized layers, "factorized" with)."""
+    meta, layers = info.meta, info.layers
+    ranks = {layer["rank"] for layer in layers}
+    symmetric = any(layer["form"] == SYMMETRIC for layer in layers)
+    mode = meta.get("mode") or "dense"
+    if layers and mode == "dense":  # saved before meta was written, or with a mislabel
+        mode = "factorized"
+    rank = meta.get("rank")
+    if rank is None and len(ranks) == 1:
+        rank = next(iter(ranks))
+    reg = meta.get("regularizer") or {
+        "name": None, "label": "symmetric" if symmetric else "none", "symmetric": symmetric, "alpha": None,
+        "effective": None,
+    }
+    return {
+        "mode": mode,
+        "rank": rank,
+        "regularizer": reg,
+        "seed": meta.get("seed"),
+        "method": meta.get("method"),
+        "made_in": meta.get("run_dir"),
+    }
+
+
+def check_checkpoint_kind(info: CheckpointInfo, model_name: str, choice: str | None) -> None:
+    """A model= given with checkpoint= must build the checkpoint's kind of model."""
+    if info.kind != model_name:
+        fits = " or ".join(f"model={option}" for option in KIND_OPTIONS[info.kind])
+        raise ConfigError(
+            f"checkpoint={info.path} holds {KINDS[info.kind]} checkpoint, but model={choice or model_name} "
+            f"builds {KINDS[model_name].split(' (')[0]}; drop model= (checkpoint= infers it) or use {fits}"
+        )
 
 
 def _local_or_name(value: str | None, start: Path) -> str | None:
@@ -146,7 +222,8 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
             return model
         model = _train_dense(task, fresh, c, tracker, results, run_dir)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
-        task.save(model, tmp, meta={"seed": c["seed"], "train": c["train"]})
+        meta = {"model": c["model"]["name"], "mode": "dense", "rank": None, "seed": c["seed"], "train": c["train"]}
+        task.save(model, tmp, meta=meta)
         os.replace(tmp, entry)
         results["dense_source"] = f"trained, cached at {entry}"
         log.info("dense model trained and cached at %s", entry)
@@ -196,9 +273,11 @@ def _logger(tracker: Tracker, phase: str):
     return log_fn
 
 
-def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, results: dict) -> None:
+def run_experiment(
+    c: Mapping, flow: str, source: CheckpointInfo | None, run_dir: Path, start: Path, tracker: Tracker,
+    results: dict,
+) -> None:
     """The linear flow. Fills ``results`` in place so a failure keeps what was measured."""
-    mode = results["mode"]
     reg = c["regularizer"]
     alpha, symmetric = float(reg["alpha"]), bool(reg["symmetric"])
     targets, rank = list(c["model"]["targets"]), c["rank"]
@@ -206,18 +285,19 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
     device = resolve_device(c["device"])
     results["device"] = str(device)
 
-    task = make_task(c, device, start)  # loads the data: a missing dataset fails here
+    task = make_task(c, device, start)
+    model = None
+    if source is not None:  # checked and loaded before any data is read
+        model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
+        results["dense_source"] = f"checkpoint:{source.path}"
+    task.prepare()  # loads the data: a missing dataset fails here
     torch.manual_seed(c["seed"])
-    if c["checkpoint"]:
-        path = absolute(c["checkpoint"], start)
-        model, _ = task.load(path)
-        results["dense_source"] = f"checkpoint:{path}"
-    else:
+    if model is None:
         model = task.build()  # random init (or pretrained): the model trained below
     # Validate targets and ranks on the architecture before any training.
-    if mode != "dense":
+    if flow in ("compress", "scratch"):
         plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
-    if mode == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
+    if flow == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
             "fine-tuning; set finetune.%s > 0", alpha, task.length_key,
@@ -226,17 +306,19 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
 
     metrics = results["metrics"]
     report = None
-    if mode == "scratch":
+    if flow == "scratch":
         report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
         model = train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
-    elif not c["checkpoint"]:
+    elif flow == "evaluate":
+        report = structure_report(model)
+    elif source is None:
         model = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
 
     t = time.perf_counter()
     final = task.evaluate(model)
     timing["eval_s"] += time.perf_counter() - t
 
-    if mode == "compress":
+    if flow == "compress":
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
@@ -268,8 +350,37 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         results["sample"] = task.sample(model)
         tracker.text("sample", results["sample"])
 
-    results["checkpoint"] = str(task.save(model, run_dir, meta={"mode": mode, "rank": rank}))
+    results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
     clear_train_state(run_dir)
+
+
+def structure_report(model: torch.nn.Module) -> CompressionReport:
+    """The factorized layers of a loaded model, as a report (nothing was compressed in this run)."""
+    report = CompressionReport()
+    for name, layer in factorized_layers(model):
+        (out_f, in_f), bias = (layer.out_features, layer.in_features), layer.bias
+        before = out_f * in_f + (0 if bias is None else bias.numel())
+        after = sum(p.numel() for p in layer.parameters())
+        form = SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN
+        report.layers.append(LayerReport(name, (out_f, in_f), layer.rank, form, before, after, method="checkpoint"))
+    return report
+
+
+def checkpoint_meta(c: Mapping, flow: str, results: Mapping, run_dir: Path) -> dict:
+    """What is saved with a model so that a later checkpoint= run can say what it is."""
+    source = results.get("from_checkpoint") or {}
+    method = c["compress"]["method"] if flow == "compress" else source.get("method") if flow == "evaluate" else None
+    return {
+        "model": results["model"],
+        "mode": results["mode"],
+        "rank": results["rank"],
+        "regularizer": results["regularizer"],
+        "method": method,
+        "seed": results["seed"],
+        "run_dir": str(run_dir),
+        "dense_source": results.get("dense_source"),
+        "from_checkpoint": source.get("path"),
+    }
 
 
 # ------------------------------------------------------------------ the job
@@ -326,16 +437,12 @@ def run_job(cfg: DictConfig) -> float | None:
         "status": "running",
         "error": None,
         "model": c["model"]["name"],
-        "mode": None,
+        "mode": None,  # what the model is: dense, compress, scratch (or a checkpoint's)
+        "flow": None,  # what this run did: dense, compress, scratch, or evaluate (a checkpoint as it is)
         "rank": c["rank"],
-        "regularizer": {
-            "name": c["regularizer"]["name"],
-            "label": regularizer_label(c["regularizer"]),
-            "symmetric": c["regularizer"]["symmetric"],
-            "alpha": c["regularizer"]["alpha"],
-            "effective": True,
-        },
+        "regularizer": describe_regularizer(c["regularizer"]),
         "seed": c["seed"],
+        "from_checkpoint": None,
         "overrides": list(hc.overrides.task),
         "metrics": {},
         "params": {},
@@ -351,20 +458,30 @@ def run_job(cfg: DictConfig) -> float | None:
     ok = False
     restore = _install_stop_handlers()
     try:
-        mode = resolve_mode(c)
-        results["mode"] = mode
+        flow = resolve_mode(c)
+        results["flow"] = flow
+        results["mode"] = None if flow == "evaluate" else flow  # evaluate: the checkpoint's, below
+        source = None
+        if c["checkpoint"]:  # what the checkpoint is, from its JSON files, before anything is loaded
+            source = checkpoint_info(absolute(c["checkpoint"], start))
+            check_checkpoint_kind(source, c["model"]["name"], hc.runtime.choices.get("model"))
+            described = describe_checkpoint(source)
+            results["from_checkpoint"] = {"path": str(source.path), "kind": source.kind, **described}
+            if flow == "evaluate":  # the run is labelled as what it evaluates
+                results.update({k: described[k] for k in ("mode", "rank", "regularizer")})
+                results["seed"] = described["seed"] if described["seed"] is not None else c["seed"]
         tracker = Tracker(
             mode=c["wandb"]["mode"],
             project=c["wandb"]["project"],
             entity=c["wandb"]["entity"],
             group=c["wandb"]["group"] or wandb_group(hc.sweep.dir if multirun else None, run_dir),
-            name=run_name(c, mode),
-            job_type=mode,
+            name=run_name(results, flow),
+            job_type=flow,
             tags=c["wandb"]["tags"],
-            config=c,
+            config={**c, **{k: results[k] for k in ("mode", "rank", "regularizer", "from_checkpoint")}},
             run_dir=run_dir,
         )
-        run_experiment(c, run_dir, start, tracker, results)
+        run_experiment(c, flow, source, run_dir, start, tracker, results)
         ok = True
         results["status"] = "ok"
     except (NNSVDError, RankError, TargetError) as exc:

@@ -110,3 +110,34 @@ def interrupt_and_resume(args: list[str], tmp: Path, marker: str, *, data_root: 
     assert not (run_dir / "interrupted").exists()
     _, straight = run_cli(args, tmp / "straight", data_root=data_root, cache=cache)
     return interrupted, resumed, straight
+
+
+def wandb_run_record(run_dir: Path):
+    """The run record (name, group, job_type, config) of the offline W&B run under ``run_dir``,
+    read from its .wandb file: a LevelDB-style log of protobuf records (what `wandb sync` uploads)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/*.wandb")
+    data, block, pos, chunks = path.read_bytes(), 32768, 7, []  # 7: the ":W&B" file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        chunks.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "run":
+                return record.run
+    raise AssertionError(f"no run record in {path}")
+
+
+def wandb_config(run) -> dict:
+    import json
+
+    return {item.key: json.loads(item.value_json) for item in run.config.update}

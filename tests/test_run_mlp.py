@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, wandb_config, wandb_run_record
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -108,12 +108,43 @@ def test_checkpoint_reloads_compressed_model_with_identical_metrics(env, dense_r
     structure = json.loads((src / "model.json").read_text())
     assert [(x["name"], x["rank"], x["form"]) for x in structure["layers"]] == [
         ("l1", 4, "lowrank"), ("l2", 4, "symmetric")]
-    proc, r = cli(env, "ckpt_eval", f"checkpoint={src}")
+    assert structure["meta"]["mode"] == "compress" and structure["meta"]["method"] == "auto"
+    proc, r = cli(env, "ckpt_eval", f"checkpoint={src}", "wandb.mode=offline", env={"WANDB_MODE": None})
     assert r["status"] == "ok" and r["dense_source"] == f"checkpoint:{src}"
     assert r["metrics"]["test_acc"] == r8["metrics"]["test_acc"]
     assert r["params"]["total"] == r8["params"]["total"]
     a, b = load_file(str(src / "model.safetensors")), load_file(str(Path(r["checkpoint"]) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # labelled as what it is: a rank-4 symmetric compressed model, evaluated from that checkpoint
+    assert (r["flow"], r["mode"], r["rank"], r["regularizer"]["label"]) == ("evaluate", "compress", 4, "symmetric")
+    assert [(x["name"], x["rank"], x["form"], x["params_after"]) for x in r["layers"]] == [
+        ("l1", 4, "lowrank", 4 * (784 + 64) + 64), ("l2", 4, "symmetric", 4 * 64 + 64)]
+    source = r["from_checkpoint"]
+    assert source["path"] == str(src) and source["made_in"] == str(src) and source["method"] == "auto"
+    assert f"(mlp compress rank 4, evaluated from checkpoint {src})" in proc.stdout.splitlines()[-1]
+    run = wandb_run_record(env["base"] / "ckpt_eval")
+    assert run.display_name == "mlp-compress-r4-symmetric-s42-from-checkpoint" and run.job_type == "evaluate"
+    config = wandb_config(run)
+    assert (config["mode"], config["rank"], config["regularizer"]["label"]) == ("compress", 4, "symmetric")
+    assert config["from_checkpoint"]["path"] == str(src)
+    # its own saved copy says the same, so a reload of the reload is labelled alike
+    meta = json.loads((env["base"] / "ckpt_eval" / "model.json").read_text())["meta"]
+    assert (meta["mode"], meta["rank"], meta["from_checkpoint"]) == ("compress", 4, str(src))
+
+
+def test_checkpoint_alone_uses_its_own_architecture(env, dense_run):
+    """checkpoint=DIR needs nothing else: a model of another width than the default reloads as it is."""
+    _, small = cli(env, "narrow_src", *QUICK, "model.hidden=32", "mode=scratch", "rank=4")
+    proc, r = cli(env, "narrow_eval", f"checkpoint={env['base'] / 'narrow_src'}")
+    assert r["status"] == "ok" and r["metrics"]["test_acc"] == small["metrics"]["test_acc"]
+    assert (r["mode"], r["rank"], r["params"]["total"]) == ("scratch", 4, small["params"]["total"])
+
+
+def test_model_option_must_fit_the_checkpoint(env, dense_run):
+    run_dir, _, _ = dense_run
+    r = _fails(env, "bad_kind", f"checkpoint={run_dir}", "model=gpt2",
+               match=f"checkpoint={run_dir} holds an MLP (model.json) checkpoint, but model=gpt2 builds a GPT-2")
+    assert r["status"] == "failed" and r["metrics"] == {}
 
 
 def _only(pattern: str, where: Path) -> Path:

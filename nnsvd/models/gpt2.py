@@ -6,6 +6,7 @@ Plain transformers and safetensors; no Hydra, no W&B. A compressed checkpoint is
     model.safetensors    state dict of the compressed model (tied wte / lm_head stored once)
     nnsvd_layers.json    [{"name", "shape": [out, in], "rank", "form"}] of each factorized layer
     tokenizer files      whatever tokenizer.save_pretrained writes
+    nnsvd_meta.json      optional: what the model is (mode, rank, regularizer, where it was made)
 
 and ``load_compressed(directory)`` turns it back into a model without the experiment suite.
 """
@@ -37,6 +38,7 @@ EOS_TOKEN = "<|endoftext|>"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LAYERS_FILE = "nnsvd_layers.json"
+META_FILE = "nnsvd_meta.json"
 
 # A Hub repository id: "name" or "owner/name" (huggingface_hub's rule, without the length limit).
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -162,11 +164,13 @@ def save_compressed(
     tokenizer: PreTrainedTokenizerBase,
     directory: str | Path,
     layers: Sequence[Mapping] | None = None,
+    meta: Mapping | None = None,
 ) -> Path:
     """Write a compressed GPT-2 to ``directory`` (created if needed) for load_compressed.
 
     layers: the per-layer records ({"name", "shape", "rank", "form"}, e.g. from the compression
     report); read off the model when None, and checked against it when given.
+    meta: JSON-able facts about the model (how it was made), written to nnsvd_meta.json.
     """
     records = layer_records(model)
     if layers is not None and sorted(_normalized(layers), key=str) != sorted(records, key=str):
@@ -180,6 +184,8 @@ def save_compressed(
     save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     model.config.save_pretrained(directory)
     (directory / LAYERS_FILE).write_text(json.dumps(records, indent=1) + "\n")
+    if meta is not None:
+        (directory / META_FILE).write_text(json.dumps(dict(meta), indent=1, default=str) + "\n")
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
-from nnsvd.errors import ConfigError
+from nnsvd.errors import CheckpointError, ConfigError
 from nnsvd.lowrank import layer_records
 from nnsvd.models.gpt2 import load_compressed, load_gpt2, load_tokenizer, save_compressed
 from nnsvd.perplexity import evaluate_perplexity, resolve_window
@@ -35,17 +36,24 @@ class LanguageModelingTask:
         self.seq_lens = {cfg["train"]["seq_len"]: "train.seq_len", cfg["finetune"]["seq_len"]: "finetune.seq_len"}
         self.device = device
         self.seed = cfg["seed"]
-        self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
+        self.cache_dir = cache_dir
+        self.tokenizer: PreTrainedTokenizerBase | None = None  # a checkpoint brings its own
+        self.ids: dict[str, torch.Tensor] = {}
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def prepare(self) -> None:
+        """The tokenizer (unless a checkpoint brought one) and the tokenized text splits."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
         d = self.data_cfg
         splits = load_text_splits(
             d["name"],
             train_file=d["train_file"],
             validation_file=d["validation_file"],
             test_file=d["test_file"],
-            cache_dir=None if cache_dir is None else str(cache_dir / "datasets"),
+            cache_dir=None if self.cache_dir is None else str(self.cache_dir / "datasets"),
         )
         self.ids = tokenize_splits(splits, self.tokenizer)
-        self._blocks: dict[int, torch.Tensor] = {}
 
     # -- model
 
@@ -150,15 +158,33 @@ class LanguageModelingTask:
     # -- checkpoints
 
     def save(self, model: nn.Module, directory: Path, meta: Mapping | None = None) -> Path:
-        save_compressed(model, self.tokenizer, directory, layer_records(model))
+        save_compressed(model, self.tokenizer, directory, layer_records(model), meta=meta)
         return Path(directory)
 
     def load(self, path: str | Path) -> tuple[nn.Module, dict]:
+        """A model this run saved (dense cache, interrupted state), used with this run's tokenizer."""
         model, tokenizer = load_compressed(path, device=self.device)
         if model.config.vocab_size < len(self.tokenizer):
             raise ConfigError(
                 f"checkpoint={path} has vocab_size={model.config.vocab_size} but model.tokenizer has "
                 f"{len(self.tokenizer)} tokens; use the tokenizer saved with it"
             )
+        self._check_lengths(model.config.n_positions)
+        return model, {"layers": layer_records(model)}
+
+    def open_checkpoint(self, path: str | Path, explicit: set[str]) -> tuple[nn.Module, dict]:
+        """The user's checkpoint=: its config.json, layers and tokenizer are used (no Hub call);
+        model.config.* keys given on the command line (``explicit``) must agree with it."""
+        model, tokenizer = load_compressed(Path(path) if Path(path).is_dir() else Path(path).parent, device=self.device)
+        saved = model.config.to_dict()
+        given = self.model_cfg.get("config") or {}
+        diff = [
+            f"model.config.{key}={saved.get(key)!r} in the checkpoint but {given[key]!r} here"
+            for key in sorted(k[len("config."):] for k in explicit if k.startswith("config."))
+            if key in given and saved.get(key) != given[key]
+        ]
+        if diff:
+            raise CheckpointError(f"checkpoint={path} is of another architecture: {', '.join(diff)}")
+        self.tokenizer = tokenizer
         self._check_lengths(model.config.n_positions)
         return model, {"layers": layer_records(model)}

@@ -56,7 +56,8 @@ def test_every_experiment_preset_composes(experiment):
 
 def test_gpt2_selects_its_own_data_and_schedule():
     cfg = _compose("model=gpt2")
-    assert cfg.data.name == "wikitext2" and cfg.train.seq_len == 512 and cfg.train.epochs == 0
+    assert cfg.data.name == "wikitext2" and cfg.train.epochs == 0
+    assert cfg.train.seq_len is None and cfg.finetune.seq_len is None  # the model's n_positions
     assert len(cfg.model.targets) == 4
     cfg = _compose("model=gpt2", "data=text_files")  # the command line wins over the model's choice
     assert cfg.data.name == "text_files" and cfg.data.train_file.endswith("wikitext-2-raw/wiki.train.raw")
@@ -159,10 +160,12 @@ def test_override_names_parse_back_as_unquoted_override_values():
 
 
 def test_long_override_sets_are_cut_at_an_item_and_stay_unique():
-    a = override_name([f"model.config.key_number_{i}=value_{i}" for i in range(20)])
-    b = override_name([f"model.config.key_number_{i}=value_{i}" for i in range(21)])
+    overrides = [f"model.config.key_number_{i}=value_{i}" for i in range(21)]
+    a, b = override_name(overrides[:20]), override_name(overrides)
     assert len(a) <= NAME_LIMIT and len(b) <= NAME_LIMIT and a != b
-    assert a.split("_")[-2].startswith("value")  # whole items, then the hash
+    items = sorted(override_name([o]) for o in overrides[:20])
+    kept, digest = a.rsplit("_", 1)
+    assert len(digest) == 8 and any(kept == "_".join(items[:k]) for k in range(1, 20))  # whole items, then a hash
 
 
 def test_job_dirname_has_no_dangling_separator():

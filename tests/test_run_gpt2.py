@@ -98,6 +98,19 @@ def test_compress_finetune_with_symmetric_penalty(env):
     assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-6)
 
 
+def test_sequence_lengths_follow_the_model(env):
+    """model=gpt2 at random init with n_positions=64: the default seq_len (null) trains on 64 tokens."""
+    args = ["model=gpt2", "data=text_files", "model.pretrained=false",
+            f"model.tokenizer={env['data_root'] / 'gpt2-tokenizer'}", "model.config.n_layer=1",
+            "model.config.n_embd=32", "model.config.n_head=2", "model.config.n_positions=64", "model.sample_tokens=2",
+            "train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "eval.max_tokens=256", "eval.batch_size=8"]
+    run_dir = env["base"] / "seq_null"
+    _, r = run_cli(args, run_dir, data_root=env["data_root"], cache=env["cache"],
+                   env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r["status"] == "ok" and r["metrics"]["test_tokens"] == 256 - 256 // 64
+    assert "dense: 2 sequences of 64 tokens a step" in (run_dir / "run.log").read_text()
+
+
 def test_scratch_trains_factorized_gpt2(env):
     _, r = cli(env, "scratch", "mode=scratch", "rank=4", "regularizer=orthonormal")
     assert r["status"] == "ok" and r["mode"] == "scratch" and len(r["layers"]) == 4
@@ -124,7 +137,10 @@ def test_sigterm_during_gpt2_training_resumes_to_identical_results(env, tmp_path
         (["eval.stride=64"], "eval.stride=64 is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length (32)"),
         (["eval.stride=0"], "eval.stride=0 is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length (32)"),
         (["eval.max_length=65"], "eval.max_length=65 is out of range: allowed 2 ≤ eval.max_length ≤ 64"),
-        (["train.seq_len=128"], "train.seq_len=128 is above the model's n_positions=64"),
+        (["train.seq_len=128"], "train.seq_len=128 is out of range: allowed 1 ≤ train.seq_len ≤ 64"),
+        (["train.seq_len=128", "finetune.seq_len=128"], "train.seq_len=128 is out of range"),  # equal values
+        (["finetune.seq_len=65"], "finetune.seq_len=65 is out of range: allowed 1 ≤ finetune.seq_len ≤ 64"),
+        (["train.seq_len=0"], "train.seq_len=0 is out of range"),
         (["rank=16"], "layer 'transformer.h.0.attn.c_proj' of shape 32×32 (low-rank form): allowed 1 ≤ rank ≤ 15"),
         (["data.train_file=/nope/train.txt"], "data.train_file: no such file: /nope/train.txt"),
         (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"], "Hub is unreachable"),

@@ -33,7 +33,8 @@ class LanguageModelingTask:
         self.model_cfg = cfg["model"]
         self.data_cfg = cfg["data"]
         self.eval_cfg = cfg["eval"]
-        self.seq_lens = {cfg["train"]["seq_len"]: "train.seq_len", cfg["finetune"]["seq_len"]: "finetune.seq_len"}
+        # null = the model's n_positions
+        self.seq_lens = [(f"{phase}.seq_len", cfg[phase]["seq_len"]) for phase in ("train", "finetune")]
         self.device = device
         self.seed = cfg["seed"]
         self.cache_dir = cache_dir
@@ -65,9 +66,12 @@ class LanguageModelingTask:
         return model.to(self.device)
 
     def _check_lengths(self, n_positions: int) -> None:
-        for seq_len, key in self.seq_lens.items():
-            if seq_len > n_positions:
-                raise ConfigError(f"{key}={seq_len} is above the model's n_positions={n_positions}; use ≤ {n_positions}")
+        for key, seq_len in self.seq_lens:
+            if seq_len is not None and not 1 <= seq_len <= n_positions:
+                raise ConfigError(
+                    f"{key}={seq_len} is out of range: allowed 1 ≤ {key} ≤ {n_positions} (the model's n_positions), "
+                    f"or null for {n_positions}"
+                )
         resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], n_positions)
 
     # -- training and evaluation
@@ -102,9 +106,11 @@ class LanguageModelingTask:
         resume_state: dict | None = None,
     ) -> TrainResult:
         t = train_cfg
+        seq_len = t["seq_len"] or model.config.n_positions
+        log.info("%s: %d sequences of %d tokens a step", desc, t["batch_size"] * t["grad_accum"], seq_len)
         out = train_causal_lm(
             model,
-            self._train_blocks(t["seq_len"]),
+            self._train_blocks(seq_len),
             steps=t["steps"],
             batch_size=t["batch_size"],
             lr=t["lr"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,17 @@ def test_dense_trains_and_reports_perplexity(env):
         assert (run_dir / name).is_file(), name
 
 
-def test_compress_finetune_with_symmetric_penalty(env):
+@pytest.fixture(scope="module")
+def compressed(env):
     _, r = cli(env, "compress", "rank=4", "finetune.steps=2", "regularizer=symmetric", "regularizer.alpha=1e-3")
+    return env["base"] / "compress", r
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # any Hub call fails at once
+
+
+def test_compress_finetune_with_symmetric_penalty(env, compressed):
+    _, r = compressed
     assert r["status"] == "ok" and r["dense_source"].startswith(("trained", "cache"))
     forms = {layer["name"]: layer["form"] for layer in r["layers"]}
     assert forms == {
@@ -93,9 +103,69 @@ def test_compress_finetune_with_symmetric_penalty(env):
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=50256).shape[1] == ids.shape[1] + 3
 
-    # checkpoint= reloads it in the suite: same perplexity
+    # checkpoint= reloads it in the suite: same perplexity, labelled as what it is
     _, again_r = cli(env, "reload", f"checkpoint={env['base'] / 'compress'}")
     assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-6)
+    assert (again_r["flow"], again_r["mode"], again_r["rank"]) == ("evaluate", "compress", 4)
+    assert again_r["regularizer"]["label"] == "symmetric+orthonormal"
+    assert {x["name"]: x["form"] for x in again_r["layers"]} == forms
+    meta = json.loads((env["base"] / "compress" / "nnsvd_meta.json").read_text())
+    assert (meta["mode"], meta["rank"], meta["method"]) == ("compress", 4, "auto")
+
+
+def test_checkpoint_alone_reloads_a_gpt2_run_directory(env, compressed, tmp_path):
+    """checkpoint=DIR needs nothing else: model=gpt2_tiny and data=text_files come from DIR's run,
+    the architecture, tokenizer and lengths from its files; no Hub call (offline mode would refuse it)."""
+    src, r = compressed
+    kw = {"data_root": env["data_root"], "cache": env["cache"], "env": OFFLINE}
+    _, alone = run_cli([f"checkpoint={src}"], tmp_path / "alone", **kw)
+    assert alone["status"] == "ok" and {"model=gpt2_tiny", "data=text_files"} <= set(alone["overrides"])
+    assert (alone["model"], alone["mode"], alone["rank"]) == ("gpt2", "compress", 4)
+    assert alone["params"]["total"] == r["params"]["total"]
+    assert alone["metrics"]["test_tokens"] > 512  # its own eval settings: every test token, windows of 64
+
+    # model=gpt2 (pretrained from the Hub by default) takes the directory's tokenizer and config
+    _, pretrained = run_cli([f"checkpoint={src}", "model=gpt2", "eval.max_length=32", "eval.stride=32",
+                                    "eval.max_tokens=512"], tmp_path / "gpt2", **kw)
+    assert pretrained["status"] == "ok"
+    assert pretrained["metrics"]["test_ppl"] == pytest.approx(r["metrics"]["test_ppl"], rel=1e-6)
+
+
+def test_checkpoint_of_the_other_kind_is_refused_in_one_line(env, compressed):
+    src, _ = compressed
+    proc, r = run_cli([f"checkpoint={src}", "model=mlp"], env["base"] / "bad_kind", data_root=env["data_root"],
+                      cache=env["cache"], check=False)
+    match = f"checkpoint={src} holds a GPT-2 (config.json + nnsvd_layers.json) checkpoint, but model=mlp builds an MLP"
+    assert proc.returncode != 0 and match in proc.stderr.splitlines()[-1], proc.stderr
+    assert r["status"] == "failed" and match in r["error"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("weights", "model.safetensors is unreadable or corrupt"),
+        ("layers", "nnsvd_layers.json is unreadable or corrupt"),
+        ("no_layers", "is not a checkpoint written by nn-svd"),
+        ("no_weights", "has no model.safetensors"),
+    ],
+)
+def test_bad_gpt2_checkpoint_fails_before_any_data_is_read(env, compressed, tmp_path, damage, match):
+    src, _ = compressed
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad, ignore=shutil.ignore_patterns(".hydra", "wandb"))
+    if damage == "weights":
+        (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    elif damage == "layers":
+        (bad / "nnsvd_layers.json").write_text("[{")
+    else:
+        (bad / ("nnsvd_layers.json" if damage == "no_layers" else "model.safetensors")).unlink()
+    cache = tmp_path / "cache"
+    proc, r = run_cli(["model=gpt2_tiny", f"checkpoint={bad}"], tmp_path / "run", data_root=env["data_root"],
+                      cache=cache, env=OFFLINE, check=False)
+    assert proc.returncode != 0 and match in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert r["status"] == "failed" and match in r["error"]
+    assert not (cache / "datasets").exists()  # nothing was tokenized
 
 
 def test_sequence_lengths_follow_the_model(env):

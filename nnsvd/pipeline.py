@@ -286,17 +286,16 @@ def run_experiment(
     results["device"] = str(device)
 
     task = make_task(c, device, start)
-    model = None
-    if source is not None:  # checked and loaded before any data is read
+    torch.manual_seed(c["seed"])
+    if source is not None:
         model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
         results["dense_source"] = f"checkpoint:{source.path}"
-    task.prepare()  # loads the data: a missing dataset fails here
-    torch.manual_seed(c["seed"])
-    if model is None:
+    else:
         model = task.build()  # random init (or pretrained): the model trained below
-    # Validate targets and ranks on the architecture before any training.
+    # Validate targets and ranks on the architecture before any data is read or any training.
     if flow in ("compress", "scratch"):
         plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
+    task.prepare()  # loads the data: a missing dataset fails here
     if flow == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -213,7 +214,8 @@ def test_sigterm_during_gpt2_training_resumes_to_identical_results(env, tmp_path
         (["train.seq_len=0"], "train.seq_len=0 is out of range"),
         (["rank=16"], "layer 'transformer.h.0.attn.c_proj' of shape 32×32 (low-rank form): allowed 1 ≤ rank ≤ 15"),
         (["data.train_file=/nope/train.txt"], "data.train_file: no such file: /nope/train.txt"),
-        (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"], "Hub is unreachable"),
+        (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"],
+         "could not load GPT-2 model 'not-a-model-xyz': HF_HUB_OFFLINE is set and it is not in the local"),
     ],
 )
 def test_bad_input_fails_with_one_line(env, args, match):
@@ -224,3 +226,28 @@ def test_bad_input_fails_with_one_line(env, args, match):
     assert "Traceback" not in out
     assert r["status"] == "failed" and match in r["error"]
     assert not (Path(env["base"]) / name / "model.safetensors").exists()
+
+
+def _network_namespace() -> list[str]:
+    """``unshare --net``: run.py in a fresh network namespace, where no host can be reached."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed: cannot make the network unreachable")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --net is not permitted here (needs root or unprivileged user namespaces)")
+    return ["unshare", "--net"]
+
+
+@pytest.mark.parametrize("args", [["model=gpt2"], ["model=gpt2_tiny", "data=wikitext2"]])
+def test_unreachable_hub_fails_at_once_with_one_line(env, tmp_path, args):
+    """No network at all (not just HF_HUB_OFFLINE): one probe, then one error line, no retry warnings."""
+    no_offline = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
+                  "HF_HOME": str(tmp_path / "hf")}  # an empty Hugging Face cache
+    proc, r = run_cli(args, tmp_path / "run", data_root=env["data_root"], cache=tmp_path / "cache", env=no_offline,
+                      prefix=_network_namespace(), check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Retrying" not in out and "thrown while requesting" not in out, out
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, proc.stderr
+    assert "Hub (https://huggingface.co) is unreachable" in errors[0] and "; run directory " in errors[0]
+    assert r["status"] == "failed" and "is unreachable" in r["error"]

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerBase
 
+from nnsvd import hub
 from nnsvd.errors import CheckpointError, ModelLoadError
 from nnsvd.lowrank import layer_records, rebuild_structure
 
@@ -45,6 +46,15 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 # ------------------------------------------------------------------- model and tokenizer
+
+
+def is_hub_name(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` means a Hub repository: no such local path, and shaped like a Hub id."""
+    return (
+        not Path(name_or_path).expanduser().exists()
+        and not name_or_path.startswith((".", "~", "/"))
+        and bool(_HUB_ID.match(name_or_path))
+    )
 
 
 def _local_source(name_or_path: str, what: str, hint: str) -> Path | None:
@@ -78,10 +88,20 @@ _TOKENIZER_HINT = "use a local directory holding tokenizer.json or vocab.json + 
 
 
 def _hub_error(what: str, name: str, hint: str, error: BaseException) -> ModelLoadError:
-    return ModelLoadError(
-        f"could not load {what} '{name}': the Hugging Face Hub is unreachable (offline?) or the name is "
-        f"wrong, and no local directory of that name exists; {hint} ({_first_line(error)})"
-    )
+    unreachable = hub.unreachable()
+    if unreachable is not None:
+        cause = (
+            f"the Hugging Face Hub ({hub.endpoint()}) is unreachable ({unreachable}) and it is not in the "
+            "local Hugging Face cache"
+        )
+    elif hub.offline():
+        cause = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache (or the name is wrong)"
+    else:
+        cause = (
+            "the Hugging Face Hub is unreachable (offline?) or the name is wrong, and no local directory of "
+            f"that name exists ({_first_line(error)})"
+        )
+    return ModelLoadError(f"could not load {what} '{name}': {cause}; {hint}")
 
 
 def load_gpt2(name_or_path: str, pretrained: bool = True, config: Mapping | None = None) -> GPT2LMHeadModel:

@@ -12,8 +12,9 @@ from transformers import PreTrainedTokenizerBase
 
 from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
 from nnsvd.errors import CheckpointError, ConfigError
+from nnsvd.hub import check_hub
 from nnsvd.lowrank import layer_records
-from nnsvd.models.gpt2 import load_compressed, load_gpt2, load_tokenizer, save_compressed
+from nnsvd.models.gpt2 import is_hub_name, load_compressed, load_gpt2, load_tokenizer, save_compressed
 from nnsvd.perplexity import evaluate_perplexity, resolve_window
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.train import TrainResult
@@ -42,8 +43,26 @@ class LanguageModelingTask:
         self.ids: dict[str, torch.Tensor] = {}
         self._blocks: dict[int, torch.Tensor] = {}
 
+    def _hub_sources(self) -> list[str]:
+        """What this run would fetch from the Hugging Face Hub."""
+        m, sources = self.model_cfg, []
+        if self.tokenizer is None:  # no checkpoint: the model and tokenizer come from model.*
+            if m["pretrained"] and is_hub_name(m["name_or_path"]):
+                sources.append(f"model '{m['name_or_path']}'")
+            if is_hub_name(m["tokenizer"]):
+                sources.append(f"tokenizer '{m['tokenizer']}'")
+        if self.data_cfg["name"] == "wikitext2":
+            sources.append("dataset WikiText-2")
+        return sources
+
+    def _check_hub(self) -> None:
+        sources = self._hub_sources()
+        if sources:  # one quick probe instead of minutes of retries when the Hub is unreachable
+            check_hub(", ".join(sources))
+
     def prepare(self) -> None:
         """The tokenizer (unless a checkpoint brought one) and the tokenized text splits."""
+        self._check_hub()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
         d = self.data_cfg
@@ -61,6 +80,7 @@ class LanguageModelingTask:
     def build(self) -> nn.Module:
         """The dense model (pretrained or random init); checks lengths against n_positions."""
         m = self.model_cfg
+        self._check_hub()
         model = load_gpt2(m["name_or_path"], pretrained=m["pretrained"], config=None if m["pretrained"] else m["config"])
         self._check_lengths(model.config.n_positions)
         return model.to(self.device)

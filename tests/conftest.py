@@ -45,6 +45,18 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+def no_network() -> list[str]:
+    """A command prefix, ``unshare --net``, that runs the command in a fresh network namespace where
+    no host can be reached (skips the test when that is not possible here)."""
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed: cannot make the network unreachable")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --net is not permitted here (needs root or unprivileged user namespaces)")
+    return ["unshare", "--net"]
+
+
 def run_cli(args: list[str], run_dir: Path | None, *, data_root: Path | None = None, cache: Path | None = None,
             env: dict | None = None, check: bool = True, multirun: bool = False, timeout: int = 600,
             cwd: Path = REPO, prefix: list[str] | None = None):

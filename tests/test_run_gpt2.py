@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupt_and_resume, require_data, run_cli
+from conftest import interrupt_and_resume, no_network, require_data, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -228,22 +227,13 @@ def test_bad_input_fails_with_one_line(env, args, match):
     assert not (Path(env["base"]) / name / "model.safetensors").exists()
 
 
-def _network_namespace() -> list[str]:
-    """``unshare --net``: run.py in a fresh network namespace, where no host can be reached."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is not installed: cannot make the network unreachable")
-    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare --net is not permitted here (needs root or unprivileged user namespaces)")
-    return ["unshare", "--net"]
-
-
 @pytest.mark.parametrize("args", [["model=gpt2"], ["model=gpt2_tiny", "data=wikitext2"]])
 def test_unreachable_hub_fails_at_once_with_one_line(env, tmp_path, args):
     """No network at all (not just HF_HUB_OFFLINE): one probe, then one error line, no retry warnings."""
     no_offline = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
                   "HF_HOME": str(tmp_path / "hf")}  # an empty Hugging Face cache
     proc, r = run_cli(args, tmp_path / "run", data_root=env["data_root"], cache=tmp_path / "cache", env=no_offline,
-                      prefix=_network_namespace(), check=False, timeout=120)
+                      prefix=no_network(), check=False, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "Retrying" not in out and "thrown while requesting" not in out, out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, wandb_config, wandb_run_record
+from conftest import no_network, run_cli, wandb_config, wandb_run_record
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -272,6 +272,24 @@ def test_missing_mnist_says_where_it_looked(env, tmp_path):
     assert proc.returncode != 0 and f"MNIST not found in {empty}/mnist/MNIST/raw" in out
     assert "set data.root" in out and "Traceback" not in out
     assert r["status"] == "failed"
+
+
+def test_missing_data_root_is_refused_and_nothing_is_created(tmp_path):
+    missing = tmp_path / "nonexistent"
+    proc, r = run_cli(["rank=8"], tmp_path / "run", data_root=missing, cache=tmp_path / "cache", check=False)
+    assert proc.returncode != 0 and f"data.root={missing} does not exist" in proc.stderr, proc.stderr
+    assert not missing.exists() and r["status"] == "failed"
+
+
+def test_failed_download_gives_its_cause_and_leaves_nothing_behind(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc, r = run_cli(["rank=8"], tmp_path / "run", data_root=empty, cache=tmp_path / "cache", check=False,
+                      prefix=no_network())
+    assert proc.returncode != 0
+    cause = "downloading it failed (Error downloading train-images-idx3-ubyte.gz: <urlopen error"
+    assert cause in proc.stderr and cause in r["error"], proc.stderr
+    assert list(empty.iterdir()) == []  # torchvision's mnist/MNIST/raw were removed again
 
 
 # ------------------------------------------------------------- quality floors

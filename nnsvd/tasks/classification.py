@@ -15,6 +15,7 @@ from torch import nn
 from nnsvd.bounds import output_error_bound
 from nnsvd.checkpoint import load_checkpoint, save_checkpoint
 from nnsvd.data.mnist import MNISTSplits, load_mnist
+from nnsvd.errors import DataError
 from nnsvd.models.mlp import MLP
 from nnsvd.train import TrainResult, evaluate_classifier, train_classifier
 
@@ -74,7 +75,17 @@ class ClassificationTask:
         self.data: MNISTSplits | None = None
 
     def prepare(self) -> None:
-        """Load MNIST (a missing or unreadable dataset fails here)."""
+        """Load MNIST (a missing or unreadable dataset fails here).
+
+        data.root itself must exist: MNIST may be downloaded into it, but nothing is created
+        under a folder that is not there (a typo in data.root would otherwise make one)."""
+        root = self.data_root
+        if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+            what = "is not a readable directory" if root.exists() else "does not exist"
+            raise DataError(
+                f"data.root={root} {what}; set data.root (or NNSVD_DATA_ROOT) to the folder holding "
+                "mnist/MNIST/raw/*.gz, or to an existing folder to download MNIST into"
+            )
         self.data = _load_splits(self.data_root / "mnist", self.data_cfg, self.seed, self.device, self.cache_dir)
 
     def build(self) -> nn.Module:

@@ -185,14 +185,9 @@ def _override_item(line: str) -> str:
     return f"{_safe(key)}-{_safe(value)}"
 
 
-def override_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
-    """A readable name for a set of command-line overrides that is safe as a directory name and
-    as an unquoted Hydra override value: ``rank=8 regularizer=symmetric`` → ``rank-8_regularizer-symmetric``.
-
-    Items are sorted (like Hydra's override_dirname) and joined by ``_``; keys in ``exclude``
-    and Hydra's own overrides are left out. A name longer than NAME_LIMIT is cut at an item
-    boundary and ends in a hash of the whole set, so it stays unique.
-    """
+def override_items(overrides: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The overrides as safe ``key-value`` items, sorted (like Hydra's override_dirname); keys in
+    ``exclude`` and Hydra's own overrides are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -202,7 +197,17 @@ def override_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
         if key in exclude or key.startswith("hydra.") or key.startswith("hydra/"):
             continue
         items.append(_override_item(line))
-    items.sort()
+    return sorted(items)
+
+
+def override_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """A readable name for a set of command-line overrides that is safe as a directory name and
+    as an unquoted Hydra override value: ``rank=8 regularizer=symmetric`` → ``rank-8_regularizer-symmetric``.
+
+    The items of ``override_items`` joined by ``_``. A name longer than NAME_LIMIT is cut at an
+    item boundary and ends in a hash of the whole set, so it stays unique.
+    """
+    items = override_items(overrides, exclude)
     name = "_".join(items)
     if len(name) <= NAME_LIMIT:
         return name

@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from nnsvd.checkpoint import (
     locked,
     save_train_state,
 )
-from nnsvd.config import KIND_OPTIONS, explicit_model_keys
+from nnsvd.config import KIND_OPTIONS, explicit_model_keys, override_items
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
@@ -46,7 +47,7 @@ from nnsvd.lowrank import (
     lowrank_from_scratch,
     plan_compression,
 )
-from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
+from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
 
@@ -410,6 +411,14 @@ def _install_stop_handlers():
     return restore
 
 
+def default_group(hc, multirun: bool) -> str:
+    """The W&B group when wandb.group is null: the sweep's, or a single run's own (dated)."""
+    if multirun:
+        return wandb_group(hc.sweep.dir)
+    exclude = hc.job.config.override_dirname.exclude_keys
+    return run_group(datetime.now(), override_items(hc.overrides.task, exclude))
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Run one configured experiment; record it whatever happens.
 
@@ -473,7 +482,7 @@ def run_job(cfg: DictConfig) -> float | None:
             mode=c["wandb"]["mode"],
             project=c["wandb"]["project"],
             entity=c["wandb"]["entity"],
-            group=c["wandb"]["group"] or wandb_group(hc.sweep.dir if multirun else None, run_dir),
+            group=c["wandb"]["group"] or default_group(hc, multirun),
             name=run_name(results, flow),
             job_type=flow,
             tags=c["wandb"]["tags"],

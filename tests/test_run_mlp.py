@@ -181,10 +181,19 @@ def test_dense_checkpoint_feeds_compress(env, dense_run):
 
 
 def test_wandb_offline_run_is_written(env, dense_run):
-    proc, r = cli(env, "wandb_offline", *QUICK, "rank=2", "wandb.mode=offline", env={"WANDB_MODE": None})
+    args = [*QUICK, "rank=2", "regularizer=symmetric", "regularizer.alpha=1e-3", "model.targets=[l1,l2]"]
+    proc, r = cli(env, "wandb_offline", *args, "wandb.mode=offline", env={"WANDB_MODE": None})
     assert r["status"] == "ok"
     runs = list((env["base"] / "wandb_offline" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    run = wandb_run_record(env["base"] / "wandb_offline")
+    assert run.display_name == "mlp-compress-r2-symmetric+orthonormal-a0.001-s42" and run.job_type == "compress"
+    # a single run's group: its date and time, then its overrides as whole items
+    assert re.fullmatch(r"run-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_model\.targets-l1\+l2_rank-2_regularizer-symmetric_"
+                        r"regularizer\.alpha-1e-3_train\.epochs-2", run.run_group), run.run_group
+    config = wandb_config(run)
+    assert config["mode"] == "compress" and config["rank"] == 2  # resolved, not null
+    assert config["regularizer"]["label"] == "symmetric+orthonormal"
 
 
 def test_same_seed_same_numbers(env):

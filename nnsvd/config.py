@@ -244,6 +244,7 @@ def explicit_model_keys(overrides: Sequence[str]) -> set[str]:
     keys = (parser.parse_override(line).key_or_group for line in overrides)
     return {key[len("model."):] for key in keys if key.startswith("model.")}
 
+
 KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny")}  # model options that build each kind
 
 
@@ -253,10 +254,11 @@ def checkpoint_overrides(args: Sequence[str], defaults: Mapping[str, str]) -> li
     run.py adds them before Hydra composes, so ``checkpoint=DIR`` needs nothing else. The kind
     comes from DIR's files (model.json: MLP; config.json + nnsvd_layers.json: GPT-2). Where DIR
     is a run directory, the choices of the run that made it (``.hydra/hydra.yaml``, e.g.
-    model=gpt2_tiny with data=text_files) are taken; its data choice also with a user's model=. Nothing is added for a group the command
-    line sets, for a choice equal to the primary config's default (``defaults``), or when DIR is
-    not a readable checkpoint: the run then fails with its own message. A ``model=`` that does
-    not fit DIR is refused by the run itself, with one line naming both.
+    model=gpt2_tiny with data=text_files) are taken; its data choice also beside a user's own
+    model=. Nothing is added for a group the command line sets, for a choice equal to the
+    primary config's default (``defaults``), or when DIR is not a readable checkpoint (the run
+    then fails with its own message). A sweep over several directories gets the choices they
+    share. A ``model=`` that does not fit DIR is refused by the run itself, in one line naming both.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException

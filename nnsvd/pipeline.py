@@ -160,10 +160,26 @@ def check_checkpoint_kind(info: CheckpointInfo, model_name: str, choice: str | N
     """A model= given with checkpoint= must build the checkpoint's kind of model."""
     if info.kind != model_name:
         fits = " or ".join(f"model={option}" for option in KIND_OPTIONS[info.kind])
+        builds = KINDS.get(model_name, model_name).split(" (")[0]
         raise ConfigError(
             f"checkpoint={info.path} holds {KINDS[info.kind]} checkpoint, but model={choice or model_name} "
-            f"builds {KINDS[model_name].split(' (')[0]}; drop model= (checkpoint= infers it) or use {fits}"
+            f"builds {builds}; drop model= (checkpoint= infers it) or use {fits}"
         )
+
+
+def read_source(c: Mapping, flow: str, start: Path, model_choice: str | None, results: dict) -> CheckpointInfo | None:
+    """The checkpoint= of this run, read from its JSON files before anything is loaded, and
+    recorded in ``results``; an evaluated checkpoint labels the run as what it is."""
+    if not c["checkpoint"]:
+        return None
+    source = checkpoint_info(absolute(c["checkpoint"], start))
+    check_checkpoint_kind(source, c["model"]["name"], model_choice)
+    described = describe_checkpoint(source)
+    results["from_checkpoint"] = {"path": str(source.path), "kind": source.kind, **described}
+    if flow == "evaluate":
+        results.update({k: described[k] for k in ("mode", "rank", "regularizer")})
+        results["seed"] = c["seed"] if described["seed"] is None else described["seed"]
+    return source
 
 
 def _local_or_name(value: str | None, start: Path) -> str | None:
@@ -369,7 +385,7 @@ def structure_report(model: torch.nn.Module) -> CompressionReport:
 def checkpoint_meta(c: Mapping, flow: str, results: Mapping, run_dir: Path) -> dict:
     """What is saved with a model so that a later checkpoint= run can say what it is."""
     source = results.get("from_checkpoint") or {}
-    method = c["compress"]["method"] if flow == "compress" else source.get("method") if flow == "evaluate" else None
+    method = {"compress": c["compress"]["method"], "evaluate": source.get("method")}.get(flow)
     return {
         "model": results["model"],
         "mode": results["mode"],
@@ -469,15 +485,7 @@ def run_job(cfg: DictConfig) -> float | None:
         flow = resolve_mode(c)
         results["flow"] = flow
         results["mode"] = None if flow == "evaluate" else flow  # evaluate: the checkpoint's, below
-        source = None
-        if c["checkpoint"]:  # what the checkpoint is, from its JSON files, before anything is loaded
-            source = checkpoint_info(absolute(c["checkpoint"], start))
-            check_checkpoint_kind(source, c["model"]["name"], hc.runtime.choices.get("model"))
-            described = describe_checkpoint(source)
-            results["from_checkpoint"] = {"path": str(source.path), "kind": source.kind, **described}
-            if flow == "evaluate":  # the run is labelled as what it evaluates
-                results.update({k: described[k] for k in ("mode", "rank", "regularizer")})
-                results["seed"] = described["seed"] if described["seed"] is not None else c["seed"]
+        source = read_source(c, flow, start, hc.runtime.choices.get("model"), results)
         tracker = Tracker(
             mode=c["wandb"]["mode"],
             project=c["wandb"]["project"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -10,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from nnsvd.config import NAME_LIMIT, Mode, job_dirname, override_name, register_configs
+from nnsvd.config import NAME_LIMIT, Mode, checkpoint_overrides, job_dirname, override_name, register_configs
 
 register_configs()
 CONF = str(REPO / "conf")
@@ -176,3 +177,42 @@ def test_job_dirname_has_no_dangling_separator():
     assert job_dirname("12-04-13", _root_=root([])) == "12-04-13"
     assert job_dirname("12-04-13", _root_=root(["wandb.mode=offline"])) == "12-04-13"
     assert job_dirname(3, _root_=root(["rank=8", "regularizer=symmetric"])) == "3_rank-8_regularizer-symmetric"
+
+
+# ------------------------------------------------------------- checkpoint=DIR alone
+
+DEFAULTS = {"model": "mlp", "data": "mnist", "regularizer": "none"}
+
+
+def _checkpoint(where, kind: str, choices: dict | None = None):
+    where.mkdir(parents=True)
+    (where / "model.safetensors").write_bytes(b"")  # only the file names matter here
+    if kind == "mlp":
+        (where / "model.json").write_text('{"model": {"name": "mlp"}, "layers": [], "meta": {}}')
+    else:
+        (where / "config.json").write_text("{}")
+        (where / "nnsvd_layers.json").write_text("[]")
+    if choices is not None:
+        (where / ".hydra").mkdir()
+        (where / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    return where
+
+
+def test_checkpoint_implies_its_model_and_data_options(tmp_path):
+    tiny = _checkpoint(tmp_path / "tiny", "gpt2", {"model": "gpt2_tiny", "data": "text_files", "experiment": "x"})
+    bare = _checkpoint(tmp_path / "bare", "gpt2")
+    mlp = _checkpoint(tmp_path / "mlp", "mlp", {"model": "mlp", "data": "mnist"})
+    assert checkpoint_overrides([f"checkpoint={tiny}"], DEFAULTS) == ["model=gpt2_tiny", "data=text_files"]
+    assert checkpoint_overrides(["-m", f"checkpoint={tiny}/model.safetensors", "rank=4,8"], DEFAULTS) == [
+        "model=gpt2_tiny", "data=text_files"]
+    assert checkpoint_overrides([f"checkpoint={bare}"], DEFAULTS) == ["model=gpt2"]
+    assert checkpoint_overrides([f"checkpoint={mlp}"], DEFAULTS) == []  # the defaults already fit
+    # the user's own choices stay; a model= of the other kind is left for the run to refuse
+    assert checkpoint_overrides([f"checkpoint={tiny}", "model=gpt2"], DEFAULTS) == ["data=text_files"]
+    assert checkpoint_overrides([f"checkpoint={tiny}", "data=wikitext2"], DEFAULTS) == ["model=gpt2_tiny"]
+    assert checkpoint_overrides([f"checkpoint={tiny}", "model=mlp"], DEFAULTS) == []
+    # a sweep over directories: the choices they share; of two kinds: nothing
+    assert checkpoint_overrides(["-m", f"checkpoint={tiny},{bare}"], DEFAULTS) == ["model=gpt2"]
+    assert checkpoint_overrides(["-m", f"checkpoint={tiny},{mlp}"], DEFAULTS) == []
+    assert checkpoint_overrides([f"checkpoint={tmp_path / 'missing'}"], DEFAULTS) == []
+    assert checkpoint_overrides(["rank=8"], DEFAULTS) == []

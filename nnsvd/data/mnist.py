@@ -45,8 +45,8 @@ def _read(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     try:
         ds = MNIST(root=str(root), train=train, download=download)
     except Exception as exc:  # torchvision raises RuntimeError or URLError, among others
-        for d in created[:1]:
-            shutil.rmtree(d, ignore_errors=True)
+        if created:  # the topmost folder this call made, and what torchvision put in it
+            shutil.rmtree(created[0], ignore_errors=True)
         how = "downloading it failed" if download else "data.download=false"
         raise DataError(
             f"MNIST not found in {root}/MNIST/raw and {how} ({_cause(exc)}); "

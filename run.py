@@ -1,9 +1,15 @@
 """nn-svd entrypoint: python run.py model=mlp rank=8  (see README.md)."""
 
+import sys
+from pathlib import Path
+
 import hydra
+import yaml
 from omegaconf import DictConfig
 
-from nnsvd.config import register_configs
+from nnsvd.config import checkpoint_overrides, register_configs
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 register_configs()
 
@@ -15,11 +21,17 @@ def main(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 
 
-if __name__ == "__main__":
-    import sys
+def primary_choices() -> dict[str, str]:
+    """The group options conf/config.yaml picks by default (e.g. model: mlp, data: mnist)."""
+    defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+    return {k: v for d in defaults if isinstance(d, dict) for k, v in d.items() if isinstance(v, str)}
 
+
+if __name__ == "__main__":
     from nnsvd.callbacks import sweep_failed
 
+    # checkpoint=DIR alone: the model (and data) options follow from DIR, as if given on the command line.
+    sys.argv += checkpoint_overrides(sys.argv[1:], primary_choices())
     main()
     # A sweep runs every job even when some fail; its exit status then says so.
     sys.exit(1 if sweep_failed() else 0)

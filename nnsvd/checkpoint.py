@@ -1,10 +1,16 @@
 """Model checkpoints (safetensors + a JSON structure record) and the dense-model cache.
 
-A checkpoint directory holds ``model.safetensors`` and ``model.json``:
+An MLP checkpoint directory holds ``model.safetensors`` and ``model.json``:
 {"model": <model config>, "layers": [{"name", "shape", "rank", "form"}, …], "meta": {…}}.
 The structure record lets ``load_checkpoint`` rebuild factorized layers before loading the
 weights. Nothing is ever unpickled. Writes are atomic: a temporary sibling is renamed into
 place, so a crash never leaves a half-written checkpoint behind.
+
+A GPT-2 checkpoint directory (``nnsvd.models.gpt2.save_compressed``) holds ``model.safetensors``,
+``config.json``, ``nnsvd_layers.json``, the tokenizer and, written by the suite, ``nnsvd_meta.json``.
+``checkpoint_info`` tells the two apart from the files alone and reads what a checkpoint is
+(its layers and the meta: mode, rank, regularizer, method, seed, where it was made) without
+loading its weights.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -28,6 +35,8 @@ from nnsvd.lowrank import layer_records, rebuild_structure
 
 WEIGHTS = "model.safetensors"
 STRUCTURE = "model.json"
+GPT2_CONFIG, GPT2_LAYERS, GPT2_META = "config.json", "nnsvd_layers.json", "nnsvd_meta.json"  # as models.gpt2 writes them
+KINDS = {"mlp": f"an MLP ({STRUCTURE})", "gpt2": f"a GPT-2 ({GPT2_CONFIG} + {GPT2_LAYERS})"}
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -106,6 +115,77 @@ def load_checkpoint(path: str | Path, build: Callable[[Mapping], nn.Module], exp
         )
     model.load_state_dict(state)
     return model, record
+
+
+# ------------------------------------------------------------------- what a checkpoint is
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint read from its JSON files alone (no weights loaded)."""
+
+    path: Path  # as given: the directory or its model.safetensors
+    directory: Path
+    kind: str  # "mlp" or "gpt2"
+    layers: list[dict]  # the factorized layers: name, shape, rank, form
+    meta: dict  # what the suite saved with it (empty for checkpoints from elsewhere)
+    choices: dict  # the model/data config choices of the run that made it (from .hydra/hydra.yaml)
+
+
+def checkpoint_kind(directory: Path) -> str | None:
+    """"mlp" or "gpt2" from the files in ``directory``, None when it holds neither."""
+    if (directory / STRUCTURE).is_file():
+        return "mlp"
+    if (directory / GPT2_CONFIG).is_file() and (directory / GPT2_LAYERS).is_file():
+        return "gpt2"
+    return None
+
+
+def checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """Kind, layers, meta and config choices of the checkpoint at ``path`` (a directory or its
+    model.safetensors); a CheckpointError names what is missing or unreadable."""
+    path = Path(path).expanduser()
+    directory = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={path} does not exist; pass a run directory holding {WEIGHTS}")
+    kind = checkpoint_kind(directory)
+    if kind is None:
+        raise CheckpointError(
+            f"checkpoint={path} is not a checkpoint written by nn-svd: {directory} needs {WEIGHTS} with "
+            f"{STRUCTURE} (MLP) or with {GPT2_CONFIG} and {GPT2_LAYERS} (GPT-2)"
+        )
+    if not (directory / WEIGHTS).is_file():
+        raise CheckpointError(f"checkpoint={path} has no {WEIGHTS} in {directory}")
+    if kind == "mlp":
+        _, record = read_structure(path)
+        layers, meta = record["layers"], record.get("meta") or {}
+    else:
+        layers = _read_json(path, directory / GPT2_LAYERS, list)
+        meta = _read_json(path, directory / GPT2_META, dict) if (directory / GPT2_META).is_file() else {}
+    return CheckpointInfo(path, directory, kind, list(layers), dict(meta), run_choices(directory))
+
+
+def _read_json(path: Path, file: Path, kind: type):
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint={path}: {file.name} is unreadable or corrupt ({exc})") from exc
+    if not isinstance(value, kind):
+        raise CheckpointError(f"checkpoint={path}: {file.name} is corrupt (not a JSON {kind.__name__})")
+    return value
+
+
+def run_choices(directory: Path) -> dict:
+    """{"model": …, "data": …} as chosen by the Hydra run that wrote ``directory`` (its
+    .hydra/hydra.yaml, read as plain YAML); {} for a directory made outside a run."""
+    import yaml
+
+    try:
+        hydra = yaml.safe_load((directory / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra["hydra"]["runtime"]["choices"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+    return {k: choices[k] for k in ("model", "data") if isinstance(choices.get(k), str)}
 
 
 # ------------------------------------------------------------------------ dense cache

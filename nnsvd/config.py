@@ -1,17 +1,23 @@
-"""Structured-config schema: dataclasses registered in Hydra's ConfigStore.
+"""Structured-config schema: dataclasses registered in Hydra's ConfigStore, and the resolver
+that names run directories.
 
 The YAML files under conf/ extend these schemas, so a misspelled key or a value of the
-wrong type fails at start with Hydra's own message.
+wrong type fails at start with Hydra's own message. The schemas live in their own group,
+``schema/<group>``, so they are never offered as options of ``model``, ``data`` or
+``regularizer``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
 
 class Mode(Enum):
@@ -102,7 +108,7 @@ class TrainConfig:
     grad_clip: float | None = None
     grad_accum: int = 1
     eval_every: int = 0
-    seq_len: int = 128
+    seq_len: int | None = None  # GPT-2 tokens per training sequence; null = the model's n_positions
 
 
 @dataclass
@@ -179,11 +185,157 @@ class Config:
     resume: bool = False
 
 
+# ----------------------------------------------------------------- directory names
+
+NAME_LIMIT = 150  # characters of overrides in a directory name; longer sets are cut and hashed
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")  # what Hydra's override grammar and shells take unquoted
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("-", text).strip("-")
+
+
+def _override_item(line: str) -> str:
+    """``key=value`` → ``key-value``: brackets and quotes dropped, list commas as ``+``, a path
+    value as its last component (``checkpoint=runs/…/12-00-00_rank-8`` → ``checkpoint-12-00-00_rank-8``)."""
+    key, sep, value = line.lstrip("+~").partition("=")
+    if not sep:
+        return _safe(key)
+    value = value.strip("'\"")
+    if "/" in value:
+        parts = [p for p in value.split("/") if p]
+        if len(parts) > 1 and parts[-1] == "model.safetensors":
+            parts.pop()
+        value = parts[-1] if parts else value
+    value = re.sub(r"[\[\]{}()'\"]", "", value).replace(",", "+")
+    return f"{_safe(key)}-{_safe(value)}"
+
+
+def override_items(overrides: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The overrides as safe ``key-value`` items, sorted (like Hydra's override_dirname); keys in
+    ``exclude`` and Hydra's own overrides are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    items = []
+    for line in overrides:
+        key = parser.parse_override(line).key_or_group
+        if key in exclude or key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        items.append(_override_item(line))
+    return sorted(items)
+
+
+def override_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
+    """A readable name for a set of command-line overrides that is safe as a directory name and
+    as an unquoted Hydra override value: ``rank=8 regularizer=symmetric`` → ``rank-8_regularizer-symmetric``.
+
+    The items of ``override_items`` joined by ``_``. A name longer than NAME_LIMIT is cut at an
+    item boundary and ends in a hash of the whole set, so it stays unique.
+    """
+    items = override_items(overrides, exclude)
+    name = "_".join(items)
+    if len(name) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    kept = ""
+    for item in items:
+        if len(kept) + len(item) + 1 > NAME_LIMIT - len(digest) - 1:
+            break
+        kept = f"{kept}_{item}" if kept else item
+    return f"{kept}_{digest}" if kept else digest
+
+
+def job_dirname(prefix: Any, *, _root_: Any) -> str:
+    """``${nnsvd.dirname:PREFIX}``: PREFIX, then the job's overrides as ``override_name`` writes them.
+
+    It reads ``hydra.overrides.task`` and ``hydra.job.config.override_dirname.exclude_keys``,
+    as Hydra's ``${hydra.job.override_dirname}`` does. With no overrides the name is PREFIX alone.
+    """
+    overrides = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
+    exclude = OmegaConf.select(_root_, "hydra.job.config.override_dirname.exclude_keys", default=None) or []
+    name = override_name(list(overrides), list(exclude))
+    return f"{prefix}_{name}" if name else str(prefix)
+
+
+# ------------------------------------------------------------- checkpoint=DIR alone
+
+
+def explicit_model_keys(overrides: Sequence[str]) -> set[str]:
+    """The model.* keys set on the command line (``model.hidden=32`` → ``hidden``;
+    ``model.config.n_layer=2`` → ``config.n_layer``): a checkpoint must agree with them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = (parser.parse_override(line).key_or_group for line in overrides)
+    return {key[len("model."):] for key in keys if key.startswith("model.")}
+
+
+KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny")}  # model options that build each kind
+
+
+def checkpoint_overrides(args: Sequence[str], defaults: Mapping[str, str]) -> list[str]:
+    """The ``model=`` (and ``data=``) overrides that ``checkpoint=DIR`` on the command line implies.
+
+    run.py adds them before Hydra composes, so ``checkpoint=DIR`` needs nothing else. The kind
+    comes from DIR's files (model.json: MLP; config.json + nnsvd_layers.json: GPT-2). Where DIR
+    is a run directory, the choices of the run that made it (``.hydra/hydra.yaml``, e.g.
+    model=gpt2_tiny with data=text_files) are taken; its data choice also beside a user's own
+    model=. Nothing is added for a group the command line sets, for a choice equal to the
+    primary config's default (``defaults``), or when DIR is not a readable checkpoint (the run
+    then fails with its own message). A sweep over several directories gets the choices they
+    share. A ``model=`` that does not fit DIR is refused by the run itself, in one line naming both.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from nnsvd.checkpoint import CheckpointError, checkpoint_info
+
+    parser = OverridesParser.create()
+    given: dict[str, Any] = {}
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports it
+        given[override.key_or_group] = override
+    if "checkpoint" not in given:
+        return []
+    ckpt = given["checkpoint"]
+    paths = list(ckpt.sweep_string_iterator()) if ckpt.is_sweep_override() else [ckpt.value()]
+    try:
+        infos = [checkpoint_info(str(p)) for p in paths if p is not None]
+    except CheckpointError:
+        return []
+    kinds = {info.kind for info in infos}
+    if len(kinds) != 1:
+        return []
+    kind = kinds.pop()
+    chosen = {}
+    for group in ("model", "data"):
+        options = {info.choices.get(group) for info in infos}
+        if len(options) == 1 and None not in options:
+            chosen[group] = options.pop()
+    if chosen.get("model") not in KIND_OPTIONS[kind]:
+        chosen = {"model": KIND_OPTIONS[kind][0]}  # a bare directory, or made by another model option
+    if "model" in given:
+        chosen = {k: v for k, v in chosen.items() if k != "model"}
+        user_model = given["model"].value()
+        if user_model not in KIND_OPTIONS[kind]:
+            return []  # the run refuses it, naming both
+    return [f"{group}={option}" for group, option in chosen.items()
+            if group not in given and option != defaults.get(group)]
+
+
 def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore and register the ``nnsvd.dirname`` resolver."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="mlp_schema", node=MLPConfig)
-    cs.store(group="model", name="gpt2_schema", node=GPT2ModelConfig)
-    cs.store(group="data", name="mnist_schema", node=MNISTDataConfig)
-    cs.store(group="data", name="text_schema", node=TextDataConfig)
-    cs.store(group="regularizer", name="regularizer_schema", node=RegularizerConfig)
+    cs.store(group="schema/model", name="mlp", node=MLPConfig)
+    cs.store(group="schema/model", name="gpt2", node=GPT2ModelConfig)
+    cs.store(group="schema/data", name="mnist", node=MNISTDataConfig)
+    cs.store(group="schema/data", name="text", node=TextDataConfig)
+    cs.store(group="schema/regularizer", name="regularizer", node=RegularizerConfig)
+    OmegaConf.register_new_resolver("nnsvd.dirname", job_dirname, replace=True)

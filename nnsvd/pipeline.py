@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -21,30 +22,39 @@ from omegaconf import DictConfig, OmegaConf
 
 from nnsvd.calibration_data import check_calibration
 from nnsvd.checkpoint import (
+    KINDS,
+    CheckpointInfo,
     cache_key,
+    checkpoint_info,
     clear_train_state,
     has_train_state,
     load_train_state,
     locked,
     save_train_state,
 )
+from nnsvd.config import KIND_OPTIONS, explicit_model_keys, override_items
+from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import (
+    PLAIN,
     SYMMETRIC,
     CalibrationError,
     CompressionReport,
+    LayerReport,
     RankError,
+    SymmetricLowRankLinear,
     TargetError,
     compress_model,
     compress_with_calibration,
+    factorized_layers,
     is_data_aware,
     lowrank_from_scratch,
     plan_compression,
     resolve_factorizer,
 )
 from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
-from nnsvd.tracking import Tracker, flatten, read_results, wandb_group, write_results
+from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
 
@@ -79,6 +89,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_mode(c: Mapping) -> str:
+    """The flow this run takes: dense, compress, scratch, or evaluate (a checkpoint as it is).
+
+    mode=null means dense without a rank and compress with one; a checkpoint without a rank is
+    evaluated as it is, whatever it holds.
+    """
     mode = c["mode"] or ("dense" if c["rank"] is None else "compress")
     if mode in ("compress", "scratch") and c["rank"] is None:
         raise ConfigError(f"mode={mode} needs a rank: add rank=R (e.g. rank=8)")
@@ -86,7 +101,7 @@ def resolve_mode(c: Mapping) -> str:
         raise ConfigError(f"mode=dense takes no rank (got rank={c['rank']}); use mode=compress or mode=scratch")
     if mode == "scratch" and c["checkpoint"]:
         raise ConfigError("mode=scratch trains from random init and takes no checkpoint; drop checkpoint=")
-    return mode
+    return "evaluate" if mode == "dense" and c["checkpoint"] else mode
 
 
 def absolute(path: str | None, start: Path) -> Path | None:
@@ -102,16 +117,85 @@ def regularizer_label(reg: Mapping) -> str:
     return "+".join(parts) or "none"
 
 
-def run_name(c: Mapping, mode: str) -> str:
-    rank = "" if c["rank"] is None else f"-r{c['rank']}"
-    reg = regularizer_label(c["regularizer"])
-    alpha = f"-a{c['regularizer']['alpha']:g}" if c["regularizer"]["alpha"] > 0 else ""
-    method = ""
-    if mode == "compress" and c["compress"]["method"] != "auto":
-        method = f"-{c['compress']['method']}"
-        if is_data_aware(c["compress"]["method"]) and c["calibration"]["sequential"]:
-            method += "-seq"
-    return f"{c['model']['name']}-{mode}{rank}{method}-{reg}{alpha}-s{c['seed']}"
+def method_label(c: Mapping, flow: str) -> str | None:
+    """The compression method of a compress run when it is not the default: whiten, whiten+seq, svd…"""
+    method = c["compress"]["method"]
+    if flow != "compress" or method == "auto":
+        return None
+    return method + ("+seq" if is_data_aware(method) and c["calibration"]["sequential"] else "")
+
+
+def run_name(results: Mapping, flow: str, method: str | None = None) -> str:
+    """The W&B run name: model, mode, rank, method, regularizer and seed (mlp-compress-r8-whiten-none-s42);
+    a checkpoint evaluated as it is says so (…-s42-from-checkpoint)."""
+    reg = results["regularizer"]
+    rank = "" if results["rank"] is None else f"-r{results['rank']}"
+    alpha = f"-a{reg['alpha']:g}" if (reg.get("alpha") or 0) > 0 else ""
+    method = f"-{method}" if method else ""
+    tail = "-from-checkpoint" if flow == "evaluate" else ""
+    return f"{results['model']}-{results['mode']}{rank}{method}-{reg['label']}{alpha}-s{results['seed']}{tail}"
+
+
+def describe_regularizer(reg: Mapping) -> dict:
+    return {
+        "name": reg["name"],
+        "label": regularizer_label(reg),
+        "symmetric": reg["symmetric"],
+        "alpha": reg["alpha"],
+        "effective": True,
+    }
+
+
+def describe_checkpoint(info: CheckpointInfo) -> dict:
+    """Mode, rank, regularizer and seed of a checkpoint: as saved with it, else read off its layers
+    (a checkpoint from elsewhere: "dense" without factorized layers, "factorized" with)."""
+    meta, layers = info.meta, info.layers
+    ranks = {layer["rank"] for layer in layers}
+    symmetric = any(layer["form"] == SYMMETRIC for layer in layers)
+    mode = meta.get("mode") or "dense"
+    if layers and mode == "dense":  # saved before meta was written, or with a mislabel
+        mode = "factorized"
+    rank = meta.get("rank")
+    if rank is None and len(ranks) == 1:
+        rank = next(iter(ranks))
+    reg = meta.get("regularizer") or {
+        "name": None, "label": "symmetric" if symmetric else "none", "symmetric": symmetric, "alpha": None,
+        "effective": None,
+    }
+    return {
+        "mode": mode,
+        "rank": rank,
+        "regularizer": reg,
+        "seed": meta.get("seed"),
+        "method": meta.get("method"),
+        "made_in": meta.get("run_dir"),
+    }
+
+
+def check_checkpoint_kind(info: CheckpointInfo, model_name: str, choice: str | None) -> None:
+    """A model= given with checkpoint= must build the checkpoint's kind of model."""
+    if info.kind != model_name:
+        fits = " or ".join(f"model={option}" for option in KIND_OPTIONS[info.kind])
+        builds = KINDS.get(model_name, model_name).split(" (")[0]
+        raise ConfigError(
+            f"checkpoint={info.path} holds {KINDS[info.kind]} checkpoint, but model={choice or model_name} "
+            f"builds {builds}; drop model= (checkpoint= infers it) or use {fits}"
+        )
+
+
+def read_source(c: Mapping, flow: str, start: Path, model_choice: str | None, results: dict) -> CheckpointInfo | None:
+    """The checkpoint= of this run, read from its JSON files before anything is loaded, and
+    recorded in ``results``; an evaluated checkpoint labels the run as what it is."""
+    if not c["checkpoint"]:
+        return None
+    source = checkpoint_info(absolute(c["checkpoint"], start))
+    check_checkpoint_kind(source, c["model"]["name"], model_choice)
+    described = describe_checkpoint(source)
+    results["from_checkpoint"] = {"path": str(source.path), "kind": source.kind, **described}
+    if flow == "evaluate":
+        results.update({k: described[k] for k in ("mode", "rank", "regularizer")})
+        results["seed"] = c["seed"] if described["seed"] is None else described["seed"]
+    return source
 
 
 def _local_or_name(value: str | None, start: Path) -> str | None:
@@ -237,7 +321,8 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
             return model
         model = _train_dense(task, fresh, c, tracker, results, run_dir)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
-        task.save(model, tmp, meta={"seed": c["seed"], "train": c["train"]})
+        meta = {"model": c["model"]["name"], "mode": "dense", "rank": None, "seed": c["seed"], "train": c["train"]}
+        task.save(model, tmp, meta=meta)
         os.replace(tmp, entry)
         results["dense_source"] = f"trained, cached at {entry}"
         log.info("dense model trained and cached at %s", entry)
@@ -287,9 +372,11 @@ def _logger(tracker: Tracker, phase: str):
     return log_fn
 
 
-def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, results: dict) -> None:
+def run_experiment(
+    c: Mapping, flow: str, source: CheckpointInfo | None, run_dir: Path, start: Path, tracker: Tracker,
+    results: dict,
+) -> None:
     """The linear flow. Fills ``results`` in place so a failure keeps what was measured."""
-    mode = results["mode"]
     reg = c["regularizer"]
     alpha, symmetric = float(reg["alpha"]), bool(reg["symmetric"])
     targets, rank = list(c["model"]["targets"]), c["rank"]
@@ -297,22 +384,22 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
     device = resolve_device(c["device"])
     results["device"] = str(device)
 
-    task = make_task(c, device, start)  # loads the data: a missing dataset fails here
+    task = make_task(c, device, start)
     torch.manual_seed(c["seed"])
-    if c["checkpoint"]:
-        path = absolute(c["checkpoint"], start)
-        model, _ = task.load(path)
-        results["dense_source"] = f"checkpoint:{path}"
+    if source is not None:
+        model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
+        results["dense_source"] = f"checkpoint:{source.path}"
     else:
         model = task.build()  # random init (or pretrained): the model trained below
-    # Validate targets, ranks and the compression settings on the architecture before any training.
-    batches = None
-    if mode != "dense":
+    # Validate targets, ranks and compression settings on the architecture before any data is read or any training.
+    if flow in ("compress", "scratch"):
         plan = plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
-        check_compression(c, mode, plan)
-        if mode == "compress" and is_data_aware(c["compress"]["method"]):
-            batches = task.calibration_batches(c["calibration"], model)
-    if mode == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
+        check_compression(c, flow, plan)
+    task.prepare()  # loads the data: a missing dataset fails here
+    batches = None
+    if flow == "compress" and is_data_aware(c["compress"]["method"]):
+        batches = task.calibration_batches(c["calibration"], model)  # drawn now: a bad setting fails before training
+    if flow == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
             "fine-tuning; set finetune.%s > 0", alpha, task.length_key,
@@ -321,17 +408,19 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
 
     metrics = results["metrics"]
     report = None
-    if mode == "scratch":
+    if flow == "scratch":
         report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
         model = train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
-    elif not c["checkpoint"]:
+    elif flow == "evaluate":
+        report = structure_report(model)
+    elif source is None:
         model = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
 
     t = time.perf_counter()
     final = task.evaluate(model)
     timing["eval_s"] += time.perf_counter() - t
 
-    if mode == "compress":
+    if flow == "compress":
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
@@ -361,8 +450,37 @@ def run_experiment(c: Mapping, run_dir: Path, start: Path, tracker: Tracker, res
         results["sample"] = task.sample(model)
         tracker.text("sample", results["sample"])
 
-    results["checkpoint"] = str(task.save(model, run_dir, meta={"mode": mode, "rank": rank}))
+    results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
     clear_train_state(run_dir)
+
+
+def structure_report(model: torch.nn.Module) -> CompressionReport:
+    """The factorized layers of a loaded model, as a report (nothing was compressed in this run)."""
+    report = CompressionReport()
+    for name, layer in factorized_layers(model):
+        (out_f, in_f), bias = (layer.out_features, layer.in_features), layer.bias
+        before = out_f * in_f + (0 if bias is None else bias.numel())
+        after = sum(p.numel() for p in layer.parameters())
+        form = SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN
+        report.layers.append(LayerReport(name, (out_f, in_f), layer.rank, form, before, after, method="checkpoint"))
+    return report
+
+
+def checkpoint_meta(c: Mapping, flow: str, results: Mapping, run_dir: Path) -> dict:
+    """What is saved with a model so that a later checkpoint= run can say what it is."""
+    source = results.get("from_checkpoint") or {}
+    method = {"compress": c["compress"]["method"], "evaluate": source.get("method")}.get(flow)
+    return {
+        "model": results["model"],
+        "mode": results["mode"],
+        "rank": results["rank"],
+        "regularizer": results["regularizer"],
+        "method": method,
+        "seed": results["seed"],
+        "run_dir": str(run_dir),
+        "dense_source": results.get("dense_source"),
+        "from_checkpoint": source.get("path"),
+    }
 
 
 # ------------------------------------------------------------------ the job
@@ -396,6 +514,14 @@ def _install_stop_handlers():
             signal.signal(sig, handler)
 
     return restore
+
+
+def default_group(hc, multirun: bool) -> str:
+    """The W&B group when wandb.group is null: the sweep's, or a single run's own (dated)."""
+    if multirun:
+        return wandb_group(hc.sweep.dir)
+    exclude = hc.job.config.override_dirname.exclude_keys
+    return run_group(datetime.now(), override_items(hc.overrides.task, exclude))
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -433,16 +559,12 @@ def run_job(cfg: DictConfig) -> float | None:
         "status": "running",
         "error": None,
         "model": c["model"]["name"],
-        "mode": None,
+        "mode": None,  # what the model is: dense, compress, scratch (or a checkpoint's)
+        "flow": None,  # what this run did: dense, compress, scratch, or evaluate (a checkpoint as it is)
         "rank": c["rank"],
-        "regularizer": {
-            "name": c["regularizer"]["name"],
-            "label": regularizer_label(c["regularizer"]),
-            "symmetric": c["regularizer"]["symmetric"],
-            "alpha": c["regularizer"]["alpha"],
-            "effective": True,
-        },
+        "regularizer": describe_regularizer(c["regularizer"]),
         "seed": c["seed"],
+        "from_checkpoint": None,
         "overrides": list(hc.overrides.task),
         "metrics": {},
         "params": {},
@@ -459,35 +581,34 @@ def run_job(cfg: DictConfig) -> float | None:
     ok = False
     restore = _install_stop_handlers()
     try:
-        mode = resolve_mode(c)
-        results["mode"] = mode
+        flow = resolve_mode(c)
+        results["flow"] = flow
+        results["mode"] = None if flow == "evaluate" else flow  # evaluate: the checkpoint's, below
+        source = read_source(c, flow, start, hc.runtime.choices.get("model"), results)
         tracker = Tracker(
             mode=c["wandb"]["mode"],
             project=c["wandb"]["project"],
             entity=c["wandb"]["entity"],
-            group=c["wandb"]["group"] or wandb_group(hc.sweep.dir if multirun else None, run_dir),
-            name=run_name(c, mode),
-            job_type=mode,
+            group=c["wandb"]["group"] or default_group(hc, multirun),
+            name=run_name(results, flow, method_label(c, flow)),
+            job_type=flow,
             tags=c["wandb"]["tags"],
-            config=c,
+            config={**c, **{k: results[k] for k in ("mode", "rank", "regularizer", "from_checkpoint")}},
             run_dir=run_dir,
         )
-        run_experiment(c, run_dir, start, tracker, results)
+        run_experiment(c, flow, source, run_dir, start, tracker, results)
         ok = True
         results["status"] = "ok"
     except (NNSVDError, RankError, TargetError, CalibrationError) as exc:
         results["status"], results["error"] = "failed", str(exc)
-        log.error("%s", exc)
     except Interrupted as exc:
         results["status"], results["error"] = "interrupted", str(exc)
-        log.error("%s", exc)
     except KeyboardInterrupt:
         results["status"], results["error"] = "interrupted", "interrupted before training could save its state"
-        log.error("interrupted")
-    except Exception as exc:  # a bug, not bad input: keep the traceback in the log
-        results["status"], results["error"] = "failed", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a bug, not bad input: keep the traceback in the run directory
         (run_dir / "traceback.txt").write_text(traceback.format_exc())
-        log.error("failed with %s: %s (traceback in %s)", type(exc).__name__, exc, run_dir / "traceback.txt")
+        results["status"] = "failed"
+        results["error"] = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'traceback.txt'})"
     finally:
         results["timing"]["total_s"] = time.perf_counter() - started
         main = results["metrics"].get("test_acc", results["metrics"].get("test_ppl"))
@@ -502,6 +623,10 @@ def run_job(cfg: DictConfig) -> float | None:
                 tracker.table("layers", results["layers"])
             tracker.finish(ok)
         restore()
+    if ok:
+        log.info("metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})
+    # The last line of every run: where it is, and its main metric or its error (stderr on failure).
+    log.log(logging.INFO if ok else logging.ERROR, "%s", closing_line(results, run_dir, start))
     if not ok:
         if multirun:
             if signal.SIGINT in _received:
@@ -510,5 +635,4 @@ def run_job(cfg: DictConfig) -> float | None:
                 hand_back(_received)  # requeue: the next run continues from the saved state
             return None
         sys.exit(1)
-    log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results["metrics"].items()})
     return main

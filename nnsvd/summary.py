@@ -80,8 +80,9 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 
 
 def _job_order(job_dir: Path) -> tuple[int, str]:
-    """Hydra names job directories "<job num>-<overrides>"; sort by the number, not the text."""
-    match = re.match(r"(\d+)(?:-|$)", job_dir.name)
+    """Job directories are named "<job num>_<overrides>" (before: "<job num>-<overrides>");
+    sort by the number, not the text."""
+    match = re.match(r"(\d+)(?:[_-]|$)", job_dir.name)
     return (int(match.group(1)) if match else 1 << 62, job_dir.name)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from nnsvd.checkpoint import write_json_atomic
@@ -14,14 +15,25 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 
 
-def wandb_group(sweep_dir: str | Path | None, run_dir: Path | None = None) -> str:
-    """The W&B group: every job of one multirun (and its summary run) shares the sweep's;
-    a single run is a group of its own."""
-    if sweep_dir is not None:
-        path = Path(sweep_dir).resolve()
-        parts = path.parts[len(path.anchor and (path.anchor,)):]  # without the root "/"
-        return "sweep-" + "_".join(parts[-3:])[-60:]
-    return "run-" + Path(run_dir).name[:60]
+GROUP_LIMIT = 128  # W&B refuses longer group names
+
+
+def wandb_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a multirun: every job (and the summary run) shares the sweep's."""
+    path = Path(sweep_dir).resolve()
+    parts = path.parts[len(path.anchor and (path.anchor,)):]  # without the root "/"
+    return "sweep-" + "_".join(parts[-3:])[-60:]
+
+
+def run_group(started: datetime, items: Sequence[str]) -> str:
+    """The W&B group of a single run, a group of its own: its date and time, then its overrides
+    (``run-2026-11-27_12-04-13_rank-8_regularizer-symmetric``), whole items only, ≤ GROUP_LIMIT."""
+    group = f"run-{started:%Y-%m-%d_%H-%M-%S}"
+    for item in items:
+        if len(group) + 1 + len(item) > GROUP_LIMIT:
+            break
+        group += f"_{item}"
+    return group
 
 
 def read_results(run_dir: Path) -> dict | None:

@@ -77,10 +77,25 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(args: list[str], run_dir: Path, *, data_root: Path | None = None, cache: Path | None = None,
-            env: dict | None = None, check: bool = True, multirun: bool = False, timeout: int = 600):
+def no_network() -> list[str]:
+    """A command prefix, ``unshare --net``, that runs the command in a fresh network namespace where
+    no host can be reached (skips the test when that is not possible here)."""
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed: cannot make the network unreachable")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --net is not permitted here (needs root or unprivileged user namespaces)")
+    return ["unshare", "--net"]
+
+
+def run_cli(args: list[str], run_dir: Path | None, *, data_root: Path | None = None, cache: Path | None = None,
+            env: dict | None = None, check: bool = True, multirun: bool = False, timeout: int = 600,
+            cwd: Path = REPO, prefix: list[str] | None = None):
     """Run ``python run.py ARGS`` as a user would, with its output under run_dir.
 
+    run_dir None: Hydra names the directory itself, under ``cwd``/outputs. ``prefix`` goes before
+    the command (e.g. ``["unshare", "--net"]``).
     Returns (completed process, results.json as dict or None).
     """
     import json
@@ -96,17 +111,17 @@ def run_cli(args: list[str], run_dir: Path, *, data_root: Path | None = None, ca
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    extra = [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
+    extra = [] if run_dir is None else [f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
     if cache is not None:
         extra.append(f"cache.dir={cache}")
     if not any(a.startswith("wandb.mode=") for a in args):
         extra.append("wandb.mode=disabled")
-    cmd = [sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *args, *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    cmd = [*(prefix or []), sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *args, *extra]
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    results_file = run_dir / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else None
+    results_file = None if run_dir is None else run_dir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file and results_file.exists() else None
     return proc, results
 
 
@@ -139,3 +154,34 @@ def interrupt_and_resume(args: list[str], tmp: Path, marker: str, *, data_root: 
     assert not (run_dir / "interrupted").exists()
     _, straight = run_cli(args, tmp / "straight", data_root=data_root, cache=cache)
     return interrupted, resumed, straight
+
+
+def wandb_run_record(run_dir: Path):
+    """The run record (name, group, job_type, config) of the offline W&B run under ``run_dir``,
+    read from its .wandb file: a LevelDB-style log of protobuf records (what `wandb sync` uploads)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/*.wandb")
+    data, block, pos, chunks = path.read_bytes(), 32768, 7, []  # 7: the ":W&B" file header
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        chunks.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "run":
+                return record.run
+    raise AssertionError(f"no run record in {path}")
+
+
+def wandb_config(run) -> dict:
+    import json
+
+    return {item.key: json.loads(item.value_json) for item in run.config.update}

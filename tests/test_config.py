@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from conftest import REPO
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from nnsvd.config import Mode, register_configs
+from nnsvd.config import NAME_LIMIT, Mode, checkpoint_overrides, job_dirname, override_name, register_configs
 
 register_configs()
 CONF = str(REPO / "conf")
@@ -54,7 +57,8 @@ def test_every_experiment_preset_composes(experiment):
 
 def test_gpt2_selects_its_own_data_and_schedule():
     cfg = _compose("model=gpt2")
-    assert cfg.data.name == "wikitext2" and cfg.train.seq_len == 512 and cfg.train.epochs == 0
+    assert cfg.data.name == "wikitext2" and cfg.train.epochs == 0
+    assert cfg.train.seq_len is None and cfg.finetune.seq_len is None  # the model's n_positions
     assert len(cfg.model.targets) == 4
     cfg = _compose("model=gpt2", "data=text_files")  # the command line wins over the model's choice
     assert cfg.data.name == "text_files" and cfg.data.train_file.endswith("wikitext-2-raw/wiki.train.raw")
@@ -107,3 +111,108 @@ def test_wrong_types_fail(override):
 def test_unknown_options_fail(override):
     with pytest.raises(ConfigCompositionException, match="Could not find"):
         _compose(override)
+
+
+@pytest.mark.parametrize("override", ["model=mlp_schema", "model=gpt2_schema", "data=mnist_schema",
+                                      "regularizer=regularizer_schema"])
+def test_schemas_are_not_options(override):
+    """The structured-config schemas live in schema/*, not among the options a user picks."""
+    with pytest.raises(ConfigCompositionException, match="Could not find") as err:
+        _compose(override)
+    listed = str(err.value).split("Available options", 1)[1].split("Config search path")[0]
+    group = override.split("=")[0]
+    assert sorted(line.strip() for line in listed.splitlines()[1:] if line.strip()) == _options(group)
+
+
+# ------------------------------------------------------------------ directory names
+
+EXCLUDE = ["wandb.mode", "cache.dir", "data.root"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        (["rank=8", "regularizer=symmetric"], "rank-8_regularizer-symmetric"),
+        (["regularizer=symmetric", "rank=8"], "rank-8_regularizer-symmetric"),  # sorted, as Hydra's
+        (["rank=8", "wandb.mode=disabled", "cache.dir=/tmp/c"], "rank-8"),  # excluded keys
+        (["regularizer.alpha=1e-3", "model.targets=[l1,l2]"], "model.targets-l1+l2_regularizer.alpha-1e-3"),
+        (["+cell=scratch_r08"], "cell-scratch_r08"),
+        (["checkpoint=outputs/runs/2026-11-27/12-00-00_rank-8/"], "checkpoint-12-00-00_rank-8"),
+        (["checkpoint=/x/12-00-00_rank-8/model.safetensors", "rank=4"], "checkpoint-12-00-00_rank-8_rank-4"),
+        (["model.sample_prompt='a b: c=d'"], "model.sample_prompt-a-b-c-d"),
+        ([], ""),
+    ],
+)
+def test_override_name_is_readable_and_safe(overrides, name):
+    assert override_name(overrides, EXCLUDE) == name
+
+
+def test_override_names_parse_back_as_unquoted_override_values():
+    """Every name works as checkpoint=DIR on the command line, without quoting."""
+    parser = OverridesParser.create()
+    sets = [["rank=8", "regularizer=symmetric", "regularizer.alpha=1e-3"], ["model.targets=[l1,l2]", "rank=2"],
+            ["train.seq_len=null", "eval.max_tokens=1_000"], ["mode=scratch", "rank=1", "seed=0"],
+            ["+cell=scratch_symmetric_orthonormal_1e-2_r08"], ["model.sample_prompt='x,y=[z]'"]]
+    for overrides in sets:
+        for prefix in ("12-04-13", "0", "10"):
+            path = f"outputs/runs/2026-11-27/{prefix}_{override_name(overrides)}"
+            parsed = parser.parse_override(f"checkpoint={path}")
+            assert not parsed.is_sweep_override() and parsed.value() == path
+
+
+def test_long_override_sets_are_cut_at_an_item_and_stay_unique():
+    overrides = [f"model.config.key_number_{i}=value_{i}" for i in range(21)]
+    a, b = override_name(overrides[:20]), override_name(overrides)
+    assert len(a) <= NAME_LIMIT and len(b) <= NAME_LIMIT and a != b
+    items = sorted(override_name([o]) for o in overrides[:20])
+    kept, digest = a.rsplit("_", 1)
+    assert len(digest) == 8 and any(kept == "_".join(items[:k]) for k in range(1, 20))  # whole items, then a hash
+
+
+def test_job_dirname_has_no_dangling_separator():
+    def root(task):
+        return OmegaConf.create({"hydra": {"overrides": {"task": task},
+                                           "job": {"config": {"override_dirname": {"exclude_keys": EXCLUDE}}}}})
+
+    assert job_dirname("12-04-13", _root_=root([])) == "12-04-13"
+    assert job_dirname("12-04-13", _root_=root(["wandb.mode=offline"])) == "12-04-13"
+    assert job_dirname(3, _root_=root(["rank=8", "regularizer=symmetric"])) == "3_rank-8_regularizer-symmetric"
+
+
+# ------------------------------------------------------------- checkpoint=DIR alone
+
+DEFAULTS = {"model": "mlp", "data": "mnist", "regularizer": "none"}
+
+
+def _checkpoint(where, kind: str, choices: dict | None = None):
+    where.mkdir(parents=True)
+    (where / "model.safetensors").write_bytes(b"")  # only the file names matter here
+    if kind == "mlp":
+        (where / "model.json").write_text('{"model": {"name": "mlp"}, "layers": [], "meta": {}}')
+    else:
+        (where / "config.json").write_text("{}")
+        (where / "nnsvd_layers.json").write_text("[]")
+    if choices is not None:
+        (where / ".hydra").mkdir()
+        (where / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    return where
+
+
+def test_checkpoint_implies_its_model_and_data_options(tmp_path):
+    tiny = _checkpoint(tmp_path / "tiny", "gpt2", {"model": "gpt2_tiny", "data": "text_files", "experiment": "x"})
+    bare = _checkpoint(tmp_path / "bare", "gpt2")
+    mlp = _checkpoint(tmp_path / "mlp", "mlp", {"model": "mlp", "data": "mnist"})
+    assert checkpoint_overrides([f"checkpoint={tiny}"], DEFAULTS) == ["model=gpt2_tiny", "data=text_files"]
+    assert checkpoint_overrides(["-m", f"checkpoint={tiny}/model.safetensors", "rank=4,8"], DEFAULTS) == [
+        "model=gpt2_tiny", "data=text_files"]
+    assert checkpoint_overrides([f"checkpoint={bare}"], DEFAULTS) == ["model=gpt2"]
+    assert checkpoint_overrides([f"checkpoint={mlp}"], DEFAULTS) == []  # the defaults already fit
+    # the user's own choices stay; a model= of the other kind is left for the run to refuse
+    assert checkpoint_overrides([f"checkpoint={tiny}", "model=gpt2"], DEFAULTS) == ["data=text_files"]
+    assert checkpoint_overrides([f"checkpoint={tiny}", "data=wikitext2"], DEFAULTS) == ["model=gpt2_tiny"]
+    assert checkpoint_overrides([f"checkpoint={tiny}", "model=mlp"], DEFAULTS) == []
+    # a sweep over directories: the choices they share; of two kinds: nothing
+    assert checkpoint_overrides(["-m", f"checkpoint={tiny},{bare}"], DEFAULTS) == ["model=gpt2"]
+    assert checkpoint_overrides(["-m", f"checkpoint={tiny},{mlp}"], DEFAULTS) == []
+    assert checkpoint_overrides([f"checkpoint={tmp_path / 'missing'}"], DEFAULTS) == []
+    assert checkpoint_overrides(["rank=8"], DEFAULTS) == []

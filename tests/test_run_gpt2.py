@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import interrupt_and_resume, require_data, run_cli
+from conftest import interrupt_and_resume, no_network, require_data, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +65,17 @@ def test_dense_trains_and_reports_perplexity(env):
         assert (run_dir / name).is_file(), name
 
 
-def test_compress_finetune_with_symmetric_penalty(env):
+@pytest.fixture(scope="module")
+def compressed(env):
     _, r = cli(env, "compress", "rank=4", "finetune.steps=2", "regularizer=symmetric", "regularizer.alpha=1e-3")
+    return env["base"] / "compress", r
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # any Hub call fails at once
+
+
+def test_compress_finetune_with_symmetric_penalty(env, compressed):
+    _, r = compressed
     assert r["status"] == "ok" and r["dense_source"].startswith(("trained", "cache"))
     forms = {layer["name"]: layer["form"] for layer in r["layers"]}
     assert forms == {
@@ -93,9 +103,82 @@ def test_compress_finetune_with_symmetric_penalty(env):
         assert torch.equal(model(ids).logits, again(ids).logits)
     assert model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=50256).shape[1] == ids.shape[1] + 3
 
-    # checkpoint= reloads it in the suite: same perplexity
+    # checkpoint= reloads it in the suite: same perplexity, labelled as what it is
     _, again_r = cli(env, "reload", f"checkpoint={env['base'] / 'compress'}")
     assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-6)
+    assert (again_r["flow"], again_r["mode"], again_r["rank"]) == ("evaluate", "compress", 4)
+    assert again_r["regularizer"]["label"] == "symmetric+orthonormal"
+    assert {x["name"]: x["form"] for x in again_r["layers"]} == forms
+    meta = json.loads((env["base"] / "compress" / "nnsvd_meta.json").read_text())
+    assert (meta["mode"], meta["rank"], meta["method"]) == ("compress", 4, "auto")
+
+
+def test_checkpoint_alone_reloads_a_gpt2_run_directory(env, compressed, tmp_path):
+    """checkpoint=DIR needs nothing else: model=gpt2_tiny and data=text_files come from DIR's run,
+    the architecture, tokenizer and lengths from its files; no Hub call (offline mode would refuse it)."""
+    src, r = compressed
+    kw = {"data_root": env["data_root"], "cache": env["cache"], "env": OFFLINE}
+    _, alone = run_cli([f"checkpoint={src}"], tmp_path / "alone", **kw)
+    assert alone["status"] == "ok" and {"model=gpt2_tiny", "data=text_files"} <= set(alone["overrides"])
+    assert (alone["model"], alone["mode"], alone["rank"]) == ("gpt2", "compress", 4)
+    assert alone["params"]["total"] == r["params"]["total"]
+    assert alone["metrics"]["test_tokens"] > 512  # its own eval settings: every test token, windows of 64
+
+    # model=gpt2 (pretrained from the Hub by default) takes the directory's tokenizer and config
+    _, pretrained = run_cli([f"checkpoint={src}", "model=gpt2", "eval.max_length=32", "eval.stride=32",
+                                    "eval.max_tokens=512"], tmp_path / "gpt2", **kw)
+    assert pretrained["status"] == "ok"
+    assert pretrained["metrics"]["test_ppl"] == pytest.approx(r["metrics"]["test_ppl"], rel=1e-6)
+
+
+def test_checkpoint_of_the_other_kind_is_refused_in_one_line(env, compressed):
+    src, _ = compressed
+    proc, r = run_cli([f"checkpoint={src}", "model=mlp"], env["base"] / "bad_kind", data_root=env["data_root"],
+                      cache=env["cache"], check=False)
+    match = f"checkpoint={src} holds a GPT-2 (config.json + nnsvd_layers.json) checkpoint, but model=mlp builds an MLP"
+    assert proc.returncode != 0 and match in proc.stderr.splitlines()[-1], proc.stderr
+    assert r["status"] == "failed" and match in r["error"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("weights", "model.safetensors is unreadable or corrupt"),
+        ("layers", "nnsvd_layers.json is unreadable or corrupt"),
+        ("no_layers", "is not a checkpoint written by nn-svd"),
+        ("no_weights", "has no model.safetensors"),
+    ],
+)
+def test_bad_gpt2_checkpoint_fails_before_any_data_is_read(env, compressed, tmp_path, damage, match):
+    src, _ = compressed
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad, ignore=shutil.ignore_patterns(".hydra", "wandb"))
+    if damage == "weights":
+        (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    elif damage == "layers":
+        (bad / "nnsvd_layers.json").write_text("[{")
+    else:
+        (bad / ("nnsvd_layers.json" if damage == "no_layers" else "model.safetensors")).unlink()
+    cache = tmp_path / "cache"
+    proc, r = run_cli(["model=gpt2_tiny", f"checkpoint={bad}"], tmp_path / "run", data_root=env["data_root"],
+                      cache=cache, env=OFFLINE, check=False)
+    assert proc.returncode != 0 and match in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert r["status"] == "failed" and match in r["error"]
+    assert not (cache / "datasets").exists()  # nothing was tokenized
+
+
+def test_sequence_lengths_follow_the_model(env):
+    """model=gpt2 at random init with n_positions=64: the default seq_len (null) trains on 64 tokens."""
+    args = ["model=gpt2", "data=text_files", "model.pretrained=false",
+            f"model.tokenizer={env['data_root'] / 'gpt2-tokenizer'}", "model.config.n_layer=1",
+            "model.config.n_embd=32", "model.config.n_head=2", "model.config.n_positions=64", "model.sample_tokens=2",
+            "train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "eval.max_tokens=256", "eval.batch_size=8"]
+    run_dir = env["base"] / "seq_null"
+    _, r = run_cli(args, run_dir, data_root=env["data_root"], cache=env["cache"],
+                   env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r["status"] == "ok" and r["metrics"]["test_tokens"] == 256 - 256 // 64
+    assert "dense: 2 sequences of 64 tokens a step" in (run_dir / "run.log").read_text()
 
 
 @pytest.mark.parametrize(("method", "extra"), [("asvd", []), ("whiten", []), ("fwsvd", []),
@@ -142,12 +225,16 @@ def test_sigterm_during_gpt2_training_resumes_to_identical_results(env, tmp_path
         (["eval.stride=64"], "eval.stride=64 is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length (32)"),
         (["eval.stride=0"], "eval.stride=0 is out of range: allowed 1 ≤ eval.stride ≤ eval.max_length (32)"),
         (["eval.max_length=65"], "eval.max_length=65 is out of range: allowed 2 ≤ eval.max_length ≤ 64"),
-        (["train.seq_len=128"], "train.seq_len=128 is above the model's n_positions=64"),
+        (["train.seq_len=128"], "train.seq_len=128 is out of range: allowed 1 ≤ train.seq_len ≤ 64"),
+        (["train.seq_len=128", "finetune.seq_len=128"], "train.seq_len=128 is out of range"),  # equal values
+        (["finetune.seq_len=65"], "finetune.seq_len=65 is out of range: allowed 1 ≤ finetune.seq_len ≤ 64"),
+        (["train.seq_len=0"], "train.seq_len=0 is out of range"),
         (["rank=16"], "layer 'transformer.h.0.attn.c_proj' of shape 32×32 (low-rank form): allowed 1 ≤ rank ≤ 15"),
         (["rank=4", "compress.method=whiten", "calibration.seq_len=65"],
          "calibration.seq_len=65 is out of range: allowed 1 ≤ calibration.seq_len ≤ 64"),
         (["data.train_file=/nope/train.txt"], "data.train_file: no such file: /nope/train.txt"),
-        (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"], "Hub is unreachable"),
+        (["model.pretrained=true", "model.name_or_path=not-a-model-xyz"],
+         "could not load GPT-2 model 'not-a-model-xyz': HF_HUB_OFFLINE is set and it is not in the local"),
     ],
 )
 def test_bad_input_fails_with_one_line(env, args, match):
@@ -158,3 +245,19 @@ def test_bad_input_fails_with_one_line(env, args, match):
     assert "Traceback" not in out
     assert r["status"] == "failed" and match in r["error"]
     assert not (Path(env["base"]) / name / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args", [["model=gpt2"], ["model=gpt2_tiny", "data=wikitext2"]])
+def test_unreachable_hub_fails_at_once_with_one_line(env, tmp_path, args):
+    """No network at all (not just HF_HUB_OFFLINE): one probe, then one error line, no retry warnings."""
+    no_offline = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
+                  "HF_HOME": str(tmp_path / "hf")}  # an empty Hugging Face cache
+    proc, r = run_cli(args, tmp_path / "run", data_root=env["data_root"], cache=tmp_path / "cache", env=no_offline,
+                      prefix=no_network(), check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Retrying" not in out and "thrown while requesting" not in out, out
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, proc.stderr
+    assert "Hub (https://huggingface.co) is unreachable" in errors[0] and "; run directory " in errors[0]
+    assert r["status"] == "failed" and "is unreachable" in r["error"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import no_network, run_cli, wandb_config, wandb_run_record
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,10 @@ def test_dense_run_trains_evaluates_and_records_everything(dense_run):
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "model.json").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "run.log").is_file()
     assert "dense epoch=2" in (run_dir / "run.log").read_text()
+    # the last line says where the run is and its main metric; nothing went to stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert f"ok: test_acc={r['metrics']['test_acc']:.4f} (mlp dense); run directory {run_dir}" in last
+    assert proc.stderr.strip() == ""
 
 
 def test_compress_reuses_the_cached_dense_model(env, dense_run):
@@ -104,12 +108,70 @@ def test_checkpoint_reloads_compressed_model_with_identical_metrics(env, dense_r
     structure = json.loads((src / "model.json").read_text())
     assert [(x["name"], x["rank"], x["form"]) for x in structure["layers"]] == [
         ("l1", 4, "lowrank"), ("l2", 4, "symmetric")]
-    proc, r = cli(env, "ckpt_eval", f"checkpoint={src}")
+    assert structure["meta"]["mode"] == "compress" and structure["meta"]["method"] == "auto"
+    proc, r = cli(env, "ckpt_eval", f"checkpoint={src}", "wandb.mode=offline", env={"WANDB_MODE": None})
     assert r["status"] == "ok" and r["dense_source"] == f"checkpoint:{src}"
     assert r["metrics"]["test_acc"] == r8["metrics"]["test_acc"]
     assert r["params"]["total"] == r8["params"]["total"]
     a, b = load_file(str(src / "model.safetensors")), load_file(str(Path(r["checkpoint"]) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # labelled as what it is: a rank-4 symmetric compressed model, evaluated from that checkpoint
+    assert (r["flow"], r["mode"], r["rank"], r["regularizer"]["label"]) == ("evaluate", "compress", 4, "symmetric")
+    assert [(x["name"], x["rank"], x["form"], x["params_after"]) for x in r["layers"]] == [
+        ("l1", 4, "lowrank", 4 * (784 + 64) + 64), ("l2", 4, "symmetric", 4 * 64 + 64)]
+    source = r["from_checkpoint"]
+    assert source["path"] == str(src) and source["made_in"] == str(src) and source["method"] == "auto"
+    assert f"(mlp compress rank 4, evaluated from checkpoint {src})" in proc.stdout.splitlines()[-1]
+    run = wandb_run_record(env["base"] / "ckpt_eval")
+    assert run.display_name == "mlp-compress-r4-symmetric-s42-from-checkpoint" and run.job_type == "evaluate"
+    config = wandb_config(run)
+    assert (config["mode"], config["rank"], config["regularizer"]["label"]) == ("compress", 4, "symmetric")
+    assert config["from_checkpoint"]["path"] == str(src)
+    # its own saved copy says the same, so a reload of the reload is labelled alike
+    meta = json.loads((env["base"] / "ckpt_eval" / "model.json").read_text())["meta"]
+    assert (meta["mode"], meta["rank"], meta["from_checkpoint"]) == ("compress", 4, str(src))
+
+
+def test_checkpoint_alone_uses_its_own_architecture(env, dense_run):
+    """checkpoint=DIR needs nothing else: a model of another width than the default reloads as it is."""
+    _, small = cli(env, "narrow_src", *QUICK, "model.hidden=32", "mode=scratch", "rank=4")
+    proc, r = cli(env, "narrow_eval", f"checkpoint={env['base'] / 'narrow_src'}")
+    assert r["status"] == "ok" and r["metrics"]["test_acc"] == small["metrics"]["test_acc"]
+    assert (r["mode"], r["rank"], r["params"]["total"]) == ("scratch", 4, small["params"]["total"])
+
+
+def test_model_option_must_fit_the_checkpoint(env, dense_run):
+    run_dir, _, _ = dense_run
+    r = _fails(env, "bad_kind", f"checkpoint={run_dir}", "model=gpt2",
+               match=f"checkpoint={run_dir} holds an MLP (model.json) checkpoint, but model=gpt2 builds a GPT-2")
+    assert r["status"] == "failed" and r["metrics"] == {}
+
+
+def _only(pattern: str, where: Path) -> Path:
+    found = list(where.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_suite_directories_work_unquoted_as_checkpoint(env, dense_run, tmp_path):
+    """The run and sweep-job directories that run.py names itself pass back as checkpoint=DIR."""
+    kw = {"data_root": env["data_root"], "cache": env["cache"], "cwd": tmp_path}
+    run_cli([*QUICK, "rank=4", "regularizer=symmetric", "model.targets=[l1,l2]"], None, **kw)
+    source = _only("outputs/runs/*/*", tmp_path)
+    assert source.name.endswith("_model.targets-l1+l2_rank-4_regularizer-symmetric_train.epochs-2")
+    assert "=" not in source.name and "," not in source.name
+    proc, _ = run_cli([f"checkpoint={source.relative_to(tmp_path)}"], None, **kw)
+    reloaded = _only("outputs/runs/*/*_checkpoint-*", tmp_path)
+    assert reloaded.name.endswith(f"_checkpoint-{source.name}")
+    before, after = (json.loads((d / "results.json").read_text()) for d in (source, reloaded))
+    assert after["status"] == "ok" and after["metrics"]["test_acc"] == before["metrics"]["test_acc"]
+
+    run_cli([*QUICK, "rank=2,8"], None, multirun=True, **kw)
+    job = _only("outputs/multirun/*/*/1_rank-8_train.epochs-2", tmp_path)
+    proc, _ = run_cli([f"checkpoint={job}", "wandb.mode=disabled"], None, **kw)
+    reloaded = _only("outputs/runs/*/*_checkpoint-1_rank-8_train.epochs-2", tmp_path)
+    assert json.loads((reloaded / "results.json").read_text())["metrics"]["test_acc"] == json.loads(
+        (job / "results.json").read_text())["metrics"]["test_acc"]
 
 
 def test_dense_checkpoint_feeds_compress(env, dense_run):
@@ -119,10 +181,19 @@ def test_dense_checkpoint_feeds_compress(env, dense_run):
 
 
 def test_wandb_offline_run_is_written(env, dense_run):
-    proc, r = cli(env, "wandb_offline", *QUICK, "rank=2", "wandb.mode=offline", env={"WANDB_MODE": None})
+    args = [*QUICK, "rank=2", "regularizer=symmetric", "regularizer.alpha=1e-3", "model.targets=[l1,l2]"]
+    proc, r = cli(env, "wandb_offline", *args, "wandb.mode=offline", env={"WANDB_MODE": None})
     assert r["status"] == "ok"
     runs = list((env["base"] / "wandb_offline" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    run = wandb_run_record(env["base"] / "wandb_offline")
+    assert run.display_name == "mlp-compress-r2-symmetric+orthonormal-a0.001-s42" and run.job_type == "compress"
+    # a single run's group: its date and time, then its overrides as whole items
+    assert re.fullmatch(r"run-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_model\.targets-l1\+l2_rank-2_regularizer-symmetric_"
+                        r"regularizer\.alpha-1e-3_train\.epochs-2", run.run_group), run.run_group
+    config = wandb_config(run)
+    assert config["mode"] == "compress" and config["rank"] == 2  # resolved, not null
+    assert config["regularizer"]["label"] == "symmetric+orthonormal"
 
 
 def test_same_seed_same_numbers(env):
@@ -138,8 +209,14 @@ def _fails(env, name, *args, match: str):
     proc, r = cli(env, name, *args, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
-    assert match in out, out
+    assert match in proc.stderr, out  # errors go to stderr
     assert "Traceback" not in out, out
+    if r is not None:  # a run directory exists: the error is in run.log, and the run ends with one line
+        run_dir = env["base"] / name
+        assert match in (run_dir / "run.log").read_text()
+        last = proc.stderr.strip().splitlines()[-1]
+        assert match in last and last.endswith(f"; run directory {run_dir}"), last
+        assert match not in proc.stdout
     return r
 
 
@@ -165,6 +242,7 @@ def test_bad_input_fails_before_training_with_one_line(env, args, match, tmp_pat
 @pytest.mark.parametrize(("args", "match"), [(["rank=abc"], "could not be converted to Integer"),
                                               (["rank=8.5"], "could not be converted to Integer"),
                                               (["model=foo"], "Could not find 'model/foo'"),
+                                              (["model=mlp_schema", "rank=8"], "Could not find 'model/mlp_schema'"),
                                               (["regularizer=foo"], "Could not find 'regularizer/foo'")])
 def test_config_errors_are_hydras_own(env, args, match):
     r = _fails(env, re.sub(r"[^A-Za-z0-9]+", "_", "cfg_" + args[0]), *args, match=match)
@@ -203,6 +281,24 @@ def test_missing_mnist_says_where_it_looked(env, tmp_path):
     assert proc.returncode != 0 and f"MNIST not found in {empty}/mnist/MNIST/raw" in out
     assert "set data.root" in out and "Traceback" not in out
     assert r["status"] == "failed"
+
+
+def test_missing_data_root_is_refused_and_nothing_is_created(tmp_path):
+    missing = tmp_path / "nonexistent"
+    proc, r = run_cli(["rank=8"], tmp_path / "run", data_root=missing, cache=tmp_path / "cache", check=False)
+    assert proc.returncode != 0 and f"data.root={missing} does not exist" in proc.stderr, proc.stderr
+    assert not missing.exists() and r["status"] == "failed"
+
+
+def test_failed_download_gives_its_cause_and_leaves_nothing_behind(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc, r = run_cli(["rank=8"], tmp_path / "run", data_root=empty, cache=tmp_path / "cache", check=False,
+                      prefix=no_network())
+    assert proc.returncode != 0
+    cause = "downloading it failed (Error downloading train-images-idx3-ubyte.gz: <urlopen error"
+    assert cause in proc.stderr and cause in r["error"], proc.stderr
+    assert list(empty.iterdir()) == []  # torchvision's mnist/MNIST/raw were removed again
 
 
 # ------------------------------------------------------------- quality floors

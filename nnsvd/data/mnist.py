@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +29,29 @@ class MNISTSplits:
     test_y: Tensor
 
 
+def _cause(exc: BaseException) -> str:
+    """One line for an error whose text may span lines. torchvision's download error is
+    "Error downloading X:" then "Tried <mirror>, got:" / "<the error>" per mirror: keep the
+    first line and the last error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
 def _read(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     from torchvision.datasets import MNIST
 
+    # torchvision creates root/MNIST/raw before downloading; a failed download must not leave them behind
+    created = [d for d in (root, root / "MNIST", root / "MNIST" / "raw") if not d.exists()]
     try:
         ds = MNIST(root=str(root), train=train, download=download)
     except Exception as exc:  # torchvision raises RuntimeError or URLError, among others
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if created:  # the topmost folder this call made, and what torchvision put in it
+            shutil.rmtree(created[0], ignore_errors=True)
         how = "downloading it failed" if download else "data.download=false"
         raise DataError(
-            f"MNIST not found in {root}/MNIST/raw and {how} ({reason}); "
+            f"MNIST not found in {root}/MNIST/raw and {how} ({_cause(exc)}); "
             f"set data.root (or NNSVD_DATA_ROOT) to a folder holding mnist/MNIST/raw/*.gz"
         ) from exc
     return ds.data, ds.targets

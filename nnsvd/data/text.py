@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from nnsvd import hub
 from nnsvd.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -42,10 +43,15 @@ def load_text_splits(
         try:
             return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", cache_dir=cache)
         except (OSError, ValueError) as e:  # ConnectionError is an OSError
+            unreachable = hub.unreachable()
+            cause = (
+                f"the Hub ({hub.endpoint()}) is unreachable ({unreachable}) and it is not in the local cache"
+                if unreachable is not None
+                else f"unreachable or offline? ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
+            )
             raise DataLoadError(
-                "could not load WikiText-2 from the Hugging Face Hub (unreachable or offline?); use "
-                "data=text_files with data.train_file / data.validation_file / data.test_file pointing "
-                f"at local wiki.*.raw files ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
+                f"could not load WikiText-2 from the Hugging Face Hub: {cause}; use data=text_files with "
+                "data.train_file / data.validation_file / data.test_file pointing at local wiki.*.raw files"
             ) from e
     if kind == "text_files":
         files = {"train": train_file, "validation": validation_file, "test": test_file}

@@ -6,6 +6,7 @@ Plain transformers and safetensors; no Hydra, no W&B. A compressed checkpoint is
     model.safetensors    state dict of the compressed model (tied wte / lm_head stored once)
     nnsvd_layers.json    [{"name", "shape": [out, in], "rank", "form"}] of each factorized layer
     tokenizer files      whatever tokenizer.save_pretrained writes
+    nnsvd_meta.json      optional: what the model is (mode, rank, regularizer, where it was made)
 
 and ``load_compressed(directory)`` turns it back into a model without the experiment suite.
 """
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_model
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrainedTokenizerBase
 
+from nnsvd import hub
 from nnsvd.errors import CheckpointError, ModelLoadError
 from nnsvd.lowrank import layer_records, rebuild_structure
 
@@ -37,12 +39,22 @@ EOS_TOKEN = "<|endoftext|>"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LAYERS_FILE = "nnsvd_layers.json"
+META_FILE = "nnsvd_meta.json"
 
 # A Hub repository id: "name" or "owner/name" (huggingface_hub's rule, without the length limit).
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 # ------------------------------------------------------------------- model and tokenizer
+
+
+def is_hub_name(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` means a Hub repository: no such local path, and shaped like a Hub id."""
+    return (
+        not Path(name_or_path).expanduser().exists()
+        and not name_or_path.startswith((".", "~", "/"))
+        and bool(_HUB_ID.match(name_or_path))
+    )
 
 
 def _local_source(name_or_path: str, what: str, hint: str) -> Path | None:
@@ -76,10 +88,20 @@ _TOKENIZER_HINT = "use a local directory holding tokenizer.json or vocab.json + 
 
 
 def _hub_error(what: str, name: str, hint: str, error: BaseException) -> ModelLoadError:
-    return ModelLoadError(
-        f"could not load {what} '{name}': the Hugging Face Hub is unreachable (offline?) or the name is "
-        f"wrong, and no local directory of that name exists; {hint} ({_first_line(error)})"
-    )
+    unreachable = hub.unreachable()
+    if unreachable is not None:
+        cause = (
+            f"the Hugging Face Hub ({hub.endpoint()}) is unreachable ({unreachable}) and it is not in the "
+            "local Hugging Face cache"
+        )
+    elif hub.offline():
+        cause = "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache (or the name is wrong)"
+    else:
+        cause = (
+            "the Hugging Face Hub is unreachable (offline?) or the name is wrong, and no local directory of "
+            f"that name exists ({_first_line(error)})"
+        )
+    return ModelLoadError(f"could not load {what} '{name}': {cause}; {hint}")
 
 
 def load_gpt2(name_or_path: str, pretrained: bool = True, config: Mapping | None = None) -> GPT2LMHeadModel:
@@ -162,11 +184,13 @@ def save_compressed(
     tokenizer: PreTrainedTokenizerBase,
     directory: str | Path,
     layers: Sequence[Mapping] | None = None,
+    meta: Mapping | None = None,
 ) -> Path:
     """Write a compressed GPT-2 to ``directory`` (created if needed) for load_compressed.
 
     layers: the per-layer records ({"name", "shape", "rank", "form"}, e.g. from the compression
     report); read off the model when None, and checked against it when given.
+    meta: JSON-able facts about the model (how it was made), written to nnsvd_meta.json.
     """
     records = layer_records(model)
     if layers is not None and sorted(_normalized(layers), key=str) != sorted(records, key=str):
@@ -180,6 +204,8 @@ def save_compressed(
     save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     model.config.save_pretrained(directory)
     (directory / LAYERS_FILE).write_text(json.dumps(records, indent=1) + "\n")
+    if meta is not None:
+        (directory / META_FILE).write_text(json.dumps(dict(meta), indent=1, default=str) + "\n")
     tokenizer.save_pretrained(directory)
     return directory
 

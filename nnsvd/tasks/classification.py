@@ -17,6 +17,7 @@ from nnsvd.bounds import output_error_bound
 from nnsvd.calibration_data import draw_samples
 from nnsvd.checkpoint import load_checkpoint, save_checkpoint
 from nnsvd.data.mnist import MNISTSplits, load_mnist
+from nnsvd.errors import DataError
 from nnsvd.models.mlp import MLP
 from nnsvd.train import TrainResult, evaluate_classifier, train_classifier
 
@@ -67,11 +68,27 @@ class ClassificationTask:
     length_key = "epochs"
 
     def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
-        self.model_cfg = cfg["model"]
+        self.model_cfg = dict(cfg["model"])
+        self.data_cfg = cfg["data"]
+        self.data_root, self.cache_dir = data_root, cache_dir
         self.eval_batch = cfg["eval"]["batch_size"]
         self.device = device
         self.seed = cfg["seed"]
-        self.data = _load_splits(data_root / "mnist", cfg["data"], cfg["seed"], device, cache_dir)
+        self.data: MNISTSplits | None = None
+
+    def prepare(self) -> None:
+        """Load MNIST (a missing or unreadable dataset fails here).
+
+        data.root itself must exist: MNIST may be downloaded into it, but nothing is created
+        under a folder that is not there (a typo in data.root would otherwise make one)."""
+        root = self.data_root
+        if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+            what = "is not a readable directory" if root.exists() else "does not exist"
+            raise DataError(
+                f"data.root={root} {what}; set data.root (or NNSVD_DATA_ROOT) to the folder holding "
+                "mnist/MNIST/raw/*.gz, or to an existing folder to download MNIST into"
+            )
+        self.data = _load_splits(self.data_root / "mnist", self.data_cfg, self.seed, self.device, self.cache_dir)
 
     def build(self) -> nn.Module:
         return build_mlp(self.model_cfg).to(self.device)
@@ -125,5 +142,13 @@ class ClassificationTask:
         return save_checkpoint(model, directory, self.model_cfg, meta)
 
     def load(self, path: str | Path) -> tuple[nn.Module, dict]:
+        """A model this run saved (dense cache, interrupted state): of this run's architecture."""
         model, record = load_checkpoint(path, build_mlp, self.model_cfg)
+        return model.to(self.device), record
+
+    def open_checkpoint(self, path: str | Path, explicit: set[str]) -> tuple[nn.Module, dict]:
+        """The user's checkpoint=: its own architecture is used; model.* keys given on the
+        command line (``explicit``) must agree with it."""
+        model, record = load_checkpoint(path, build_mlp, {k: v for k, v in self.model_cfg.items() if k in explicit})
+        self.model_cfg.update({k: v for k, v in record["model"].items() if k != "targets" and k not in explicit})
         return model.to(self.device), record

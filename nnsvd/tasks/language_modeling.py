@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from nnsvd.calibration_data import draw_samples
 from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
-from nnsvd.errors import ConfigError
+from nnsvd.errors import CheckpointError, ConfigError
+from nnsvd.hub import check_hub
 from nnsvd.lowrank import layer_records
-from nnsvd.models.gpt2 import load_compressed, load_gpt2, load_tokenizer, save_compressed
+from nnsvd.models.gpt2 import is_hub_name, load_compressed, load_gpt2, load_tokenizer, save_compressed
 from nnsvd.perplexity import evaluate_perplexity, resolve_window
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.train import TrainResult
@@ -33,34 +35,64 @@ class LanguageModelingTask:
         self.model_cfg = cfg["model"]
         self.data_cfg = cfg["data"]
         self.eval_cfg = cfg["eval"]
-        self.seq_lens = {cfg["train"]["seq_len"]: "train.seq_len", cfg["finetune"]["seq_len"]: "finetune.seq_len"}
+        # null = the model's n_positions
+        self.seq_lens = [(f"{phase}.seq_len", cfg[phase]["seq_len"]) for phase in ("train", "finetune")]
         self.device = device
         self.seed = cfg["seed"]
-        self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
+        self.cache_dir = cache_dir
+        self.tokenizer: PreTrainedTokenizerBase | None = None  # a checkpoint brings its own
+        self.ids: dict[str, torch.Tensor] = {}
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def _hub_sources(self) -> list[str]:
+        """What this run would fetch from the Hugging Face Hub."""
+        m, sources = self.model_cfg, []
+        if self.tokenizer is None:  # no checkpoint: the model and tokenizer come from model.*
+            if m["pretrained"] and is_hub_name(m["name_or_path"]):
+                sources.append(f"model '{m['name_or_path']}'")
+            if is_hub_name(m["tokenizer"]):
+                sources.append(f"tokenizer '{m['tokenizer']}'")
+        if self.data_cfg["name"] == "wikitext2":
+            sources.append("dataset WikiText-2")
+        return sources
+
+    def _check_hub(self) -> None:
+        sources = self._hub_sources()
+        if sources:  # one quick probe instead of minutes of retries when the Hub is unreachable
+            check_hub(", ".join(sources))
+
+    def prepare(self) -> None:
+        """The tokenizer (unless a checkpoint brought one) and the tokenized text splits."""
+        self._check_hub()
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
         d = self.data_cfg
         splits = load_text_splits(
             d["name"],
             train_file=d["train_file"],
             validation_file=d["validation_file"],
             test_file=d["test_file"],
-            cache_dir=None if cache_dir is None else str(cache_dir / "datasets"),
+            cache_dir=None if self.cache_dir is None else str(self.cache_dir / "datasets"),
         )
         self.ids = tokenize_splits(splits, self.tokenizer)
-        self._blocks: dict[int, torch.Tensor] = {}
 
     # -- model
 
     def build(self) -> nn.Module:
         """The dense model (pretrained or random init); checks lengths against n_positions."""
         m = self.model_cfg
+        self._check_hub()
         model = load_gpt2(m["name_or_path"], pretrained=m["pretrained"], config=None if m["pretrained"] else m["config"])
         self._check_lengths(model.config.n_positions)
         return model.to(self.device)
 
     def _check_lengths(self, n_positions: int) -> None:
-        for seq_len, key in self.seq_lens.items():
-            if seq_len > n_positions:
-                raise ConfigError(f"{key}={seq_len} is above the model's n_positions={n_positions}; use ≤ {n_positions}")
+        for key, seq_len in self.seq_lens:
+            if seq_len is not None and not 1 <= seq_len <= n_positions:
+                raise ConfigError(
+                    f"{key}={seq_len} is out of range: allowed 1 ≤ {key} ≤ {n_positions} (the model's n_positions), "
+                    f"or null for {n_positions}"
+                )
         resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], n_positions)
 
     # -- training and evaluation
@@ -95,9 +127,11 @@ class LanguageModelingTask:
         resume_state: dict | None = None,
     ) -> TrainResult:
         t = train_cfg
+        seq_len = t["seq_len"] or model.config.n_positions
+        log.info("%s: %d sequences of %d tokens a step", desc, t["batch_size"] * t["grad_accum"], seq_len)
         out = train_causal_lm(
             model,
-            self._train_blocks(t["seq_len"]),
+            self._train_blocks(seq_len),
             steps=t["steps"],
             batch_size=t["batch_size"],
             lr=t["lr"],
@@ -170,15 +204,33 @@ class LanguageModelingTask:
     # -- checkpoints
 
     def save(self, model: nn.Module, directory: Path, meta: Mapping | None = None) -> Path:
-        save_compressed(model, self.tokenizer, directory, layer_records(model))
+        save_compressed(model, self.tokenizer, directory, layer_records(model), meta=meta)
         return Path(directory)
 
     def load(self, path: str | Path) -> tuple[nn.Module, dict]:
+        """A model this run saved (dense cache, interrupted state), used with this run's tokenizer."""
         model, tokenizer = load_compressed(path, device=self.device)
         if model.config.vocab_size < len(self.tokenizer):
             raise ConfigError(
                 f"checkpoint={path} has vocab_size={model.config.vocab_size} but model.tokenizer has "
                 f"{len(self.tokenizer)} tokens; use the tokenizer saved with it"
             )
+        self._check_lengths(model.config.n_positions)
+        return model, {"layers": layer_records(model)}
+
+    def open_checkpoint(self, path: str | Path, explicit: set[str]) -> tuple[nn.Module, dict]:
+        """The user's checkpoint=: its config.json, layers and tokenizer are used (no Hub call);
+        model.config.* keys given on the command line (``explicit``) must agree with it."""
+        model, tokenizer = load_compressed(Path(path) if Path(path).is_dir() else Path(path).parent, device=self.device)
+        saved = model.config.to_dict()
+        given = self.model_cfg.get("config") or {}
+        diff = [
+            f"model.config.{key}={saved.get(key)!r} in the checkpoint but {given[key]!r} here"
+            for key in sorted(k[len("config."):] for k in explicit if k.startswith("config."))
+            if key in given and saved.get(key) != given[key]
+        ]
+        if diff:
+            raise CheckpointError(f"checkpoint={path} is of another architecture: {', '.join(diff)}")
+        self.tokenizer = tokenizer
         self._check_lengths(model.config.n_positions)
         return model, {"layers": layer_records(model)}

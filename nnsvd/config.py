@@ -129,12 +129,27 @@ class CompressMethod(Enum):
     fwsvd = "fwsvd"  # data-aware: Fisher-weighted rows (FWSVD)
 
 
+class Allocation(Enum):
+    uniform = "uniform"  # every target keeps the fraction 1 - ratio of its own weights
+    spectrum = "spectrum"  # ranks minimizing the summed truncation loss of the method's spectra
+    sensitivity = "sensitivity"  # ranks minimizing the summed task-loss increase, measured per layer (ASVD)
+
+
+class SpectrumLoss(Enum):
+    normalized = "normalized"  # each layer's tail divided by its total: every layer weighs the same
+    absolute = "absolute"  # the tail itself, in units of the layer's (weighted) output error
+
+
 @dataclass
 class CompressConfig:
     method: CompressMethod = CompressMethod.auto
     allow_full_rank: bool = False  # admit rank = min(m, n): for tests and analysis
     asvd_alpha: float = 0.5  # asvd: s_j = (mean |x_j|)^alpha
     damp: float = 0.01  # whiten: lambda = damp * mean(diag XᵀX)
+    ratio: float | None = None  # fraction of the target layers' weights REMOVED, 0 < ratio < 1 (instead of rank)
+    allocation: Allocation = Allocation.uniform  # how a ratio is shared out as per-layer ranks
+    spectrum_loss: SpectrumLoss = SpectrumLoss.normalized  # allocation=spectrum: the loss it weighs
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 
 
 @dataclass

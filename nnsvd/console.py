@@ -45,6 +45,9 @@ def closing_line(results: Mapping, run_dir: Path, start: Path) -> str:
     what = " ".join(str(x) for x in (results["model"], results["mode"]) if x)
     if results.get("rank") is not None:
         what += f" rank {results['rank']}"
+    budget = (results.get("compress") or {}).get("budget") or {}
+    if budget.get("ratio") is not None:
+        what += f" ratio {budget['ratio']:g} {budget['allocation']}, {budget['removed_targets']:.3f} removed"
     source = results.get("from_checkpoint")
     if results.get("flow") == "evaluate" and source:
         what += f", evaluated from checkpoint {shown_path(Path(source['path']), start)}"

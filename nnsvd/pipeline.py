@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nnsvd.calibration_data import check_calibration
 from nnsvd.checkpoint import (
     KINDS,
     CheckpointInfo,
@@ -32,6 +31,7 @@ from nnsvd.checkpoint import (
     locked,
     save_train_state,
 )
+from nnsvd.compression import check_compression, compress, needs_calibration
 from nnsvd.config import KIND_OPTIONS, explicit_model_keys, override_items
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
@@ -39,19 +39,16 @@ from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import (
     PLAIN,
     SYMMETRIC,
+    BudgetError,
     CalibrationError,
     CompressionReport,
     LayerReport,
     RankError,
     SymmetricLowRankLinear,
     TargetError,
-    compress_model,
-    compress_with_calibration,
     factorized_layers,
     is_data_aware,
     lowrank_from_scratch,
-    plan_compression,
-    resolve_factorizer,
 )
 from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
 from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
@@ -91,14 +88,19 @@ def resolve_device(name: str) -> torch.device:
 def resolve_mode(c: Mapping) -> str:
     """The flow this run takes: dense, compress, scratch, or evaluate (a checkpoint as it is).
 
-    mode=null means dense without a rank and compress with one; a checkpoint without a rank is
-    evaluated as it is, whatever it holds.
+    mode=null means dense without a size (rank or compress.ratio) and compress with one; a
+    checkpoint without a size is evaluated as it is, whatever it holds.
     """
-    mode = c["mode"] or ("dense" if c["rank"] is None else "compress")
-    if mode in ("compress", "scratch") and c["rank"] is None:
-        raise ConfigError(f"mode={mode} needs a rank: add rank=R (e.g. rank=8)")
-    if mode == "dense" and c["rank"] is not None:
-        raise ConfigError(f"mode=dense takes no rank (got rank={c['rank']}); use mode=compress or mode=scratch")
+    ratio = c["compress"]["ratio"]
+    sized = c["rank"] is not None or ratio is not None
+    mode = c["mode"] or ("compress" if sized else "dense")
+    if mode in ("compress", "scratch") and not sized:
+        raise ConfigError(
+            f"mode={mode} needs a size: add rank=R (e.g. rank=8) or compress.ratio=F (e.g. compress.ratio=0.4)"
+        )
+    if mode == "dense" and sized:
+        given = f"rank={c['rank']}" if c["rank"] is not None else f"compress.ratio={ratio}"
+        raise ConfigError(f"mode=dense compresses nothing (got {given}); use mode=compress or mode=scratch")
     if mode == "scratch" and c["checkpoint"]:
         raise ConfigError("mode=scratch trains from random init and takes no checkpoint; drop checkpoint=")
     return "evaluate" if mode == "dense" and c["checkpoint"] else mode
@@ -117,17 +119,22 @@ def regularizer_label(reg: Mapping) -> str:
     return "+".join(parts) or "none"
 
 
-def method_label(c: Mapping, flow: str) -> str | None:
-    """The compression method of a compress run when it is not the default: whiten, whiten+seq, svd…"""
-    method = c["compress"]["method"]
-    if flow != "compress" or method == "auto":
+def compress_label(c: Mapping, flow: str) -> str | None:
+    """How a compress run sizes and factorizes, where not the default: ratio0.4-spectrum, whiten+seq…"""
+    if flow != "compress":
         return None
-    return method + ("+seq" if is_data_aware(method) and c["calibration"]["sequential"] else "")
+    comp = c["compress"]
+    parts = [] if comp["ratio"] is None else [f"ratio{comp['ratio']:g}", comp["allocation"]]
+    if comp["method"] != "auto":
+        seq = is_data_aware(comp["method"]) and c["calibration"]["sequential"]
+        parts.append(comp["method"] + ("+seq" if seq else ""))
+    return "-".join(parts) or None
 
 
 def run_name(results: Mapping, flow: str, method: str | None = None) -> str:
-    """The W&B run name: model, mode, rank, method, regularizer and seed (mlp-compress-r8-whiten-none-s42);
-    a checkpoint evaluated as it is says so (…-s42-from-checkpoint)."""
+    """The W&B run name: model, mode, rank, compress label, regularizer and seed
+    (mlp-compress-r8-whiten-none-s42, mlp-compress-ratio0.4-spectrum-none-s42); a checkpoint
+    evaluated as it is says so (…-s42-from-checkpoint)."""
     reg = results["regularizer"]
     rank = "" if results["rank"] is None else f"-r{results['rank']}"
     alpha = f"-a{reg['alpha']:g}" if (reg.get("alpha") or 0) > 0 else ""
@@ -225,72 +232,6 @@ def make_task(c: Mapping, device: torch.device, start: Path):
 
         return LanguageModelingTask(c, data_root, device, cache_dir)
     raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2")
-
-
-def method_options(compress: Mapping) -> dict:
-    """The keyword options of the configured method (compress.asvd_alpha, compress.damp)."""
-    return {"asvd": {"alpha": compress["asvd_alpha"]}, "whiten": {"damp": compress["damp"]}}.get(compress["method"], {})
-
-
-def wants_fisher(c: Mapping) -> bool:
-    """calibration.fisher, where null means: when the method needs it (fwsvd)."""
-    fisher = c["calibration"]["fisher"]
-    return c["compress"]["method"] == "fwsvd" if fisher is None else bool(fisher)
-
-
-def check_compression(c: Mapping, mode: str, plan: list) -> None:
-    """One-line ConfigErrors for compression settings that cannot work, before any training."""
-    method, comp = c["compress"]["method"], c["compress"]
-    if not is_data_aware(method):
-        if c["calibration"]["sequential"]:
-            log.warning("calibration.sequential=true has no effect with compress.method=%s (a plain method)", method)
-        return
-    plain = "auto, svd, gram, randomized"
-    if mode == "scratch":
-        raise ConfigError(
-            f"compress.method={method} is data-aware: it factorizes a trained model, but mode=scratch trains "
-            f"factors from random init; use mode=compress, or a plain method ({plain})"
-        )
-    square = [name for name, _, _, form in plan if form == SYMMETRIC]
-    if square:
-        raise ConfigError(
-            f"compress.method={method} has no symmetric form, but regularizer.symmetric=true ties {square[0]}"
-            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({plain})"
-        )
-    if method == "fwsvd" and c["calibration"]["fisher"] is False:
-        raise ConfigError("compress.method=fwsvd weights by the Fisher: calibration.fisher=false is not allowed (use null or true)")
-    if comp["damp"] < 0:
-        raise ConfigError(f"compress.damp={comp['damp']} must be ≥ 0")
-    if comp["asvd_alpha"] < 0:
-        raise ConfigError(f"compress.asvd_alpha={comp['asvd_alpha']} must be ≥ 0")
-    check_calibration(c["calibration"])
-
-
-def compress(task, model, c: Mapping, symmetric: bool, batches: list | None) -> CompressionReport:
-    """Factorize the targets in place: plain SVD of the weights, or a data-aware method on ``batches``."""
-    comp = c["compress"]
-    targets, rank, full = list(c["model"]["targets"]), c["rank"], comp["allow_full_rank"]
-    if batches is None:
-        return compress_model(model, targets, rank, symmetric=symmetric, method=comp["method"], allow_full_rank=full)
-    return compress_with_calibration(
-        model, targets, rank, batches=batches, loss_fn=task.calibration_loss,
-        method=resolve_factorizer(comp["method"], **method_options(comp)),
-        sequential=c["calibration"]["sequential"], fisher=wants_fisher(c), allow_full_rank=full,
-    )
-
-
-def compression_record(c: Mapping, report: CompressionReport, batches: list | None) -> dict:
-    """What results.json and W&B say about how the model was compressed."""
-    comp = c["compress"]
-    record = {"method": comp["method"], "options": method_options(comp), "calibration": None}
-    if batches is not None:
-        cal = c["calibration"]
-        record["calibration"] = {
-            **{k: cal[k] for k in ("samples", "seq_len", "batch_size", "seed", "split", "sequential")},
-            "fisher": wants_fisher(c),
-            "tokens": max((layer.calib_tokens or 0) for layer in report.layers),
-        }
-    return record
 
 
 # ------------------------------------------------------------------ the flows
@@ -393,11 +334,10 @@ def run_experiment(
         model = task.build()  # random init (or pretrained): the model trained below
     # Validate targets, ranks and compression settings on the architecture before any data is read or any training.
     if flow in ("compress", "scratch"):
-        plan = plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
-        check_compression(c, flow, plan)
+        rank = check_compression(c, flow, model, symmetric)  # the rank, uniform ranks, or None (allocated later)
     task.prepare()  # loads the data: a missing dataset fails here
     batches = None
-    if flow == "compress" and is_data_aware(c["compress"]["method"]):
+    if needs_calibration(c, flow):
         batches = task.calibration_batches(c["calibration"], model)  # drawn now: a bad setting fails before training
     if flow == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
@@ -424,9 +364,8 @@ def run_experiment(
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
-        report = compress(task, model, c, symmetric, batches)
+        report, results["compress"] = compress(task, model, c, symmetric, batches, absolute(c["cache"]["dir"], start))
         timing["compress_s"] = time.perf_counter() - t
-        results["compress"] = compression_record(c, report, batches)
         log.info("compressed %d layers in %.2fs\n%s", len(report.layers), timing["compress_s"], report)
         t = time.perf_counter()
         final = task.evaluate(model)
@@ -590,7 +529,7 @@ def run_job(cfg: DictConfig) -> float | None:
             project=c["wandb"]["project"],
             entity=c["wandb"]["entity"],
             group=c["wandb"]["group"] or default_group(hc, multirun),
-            name=run_name(results, flow, method_label(c, flow)),
+            name=run_name(results, flow, compress_label(c, flow)),
             job_type=flow,
             tags=c["wandb"]["tags"],
             config={**c, **{k: results[k] for k in ("mode", "rank", "regularizer", "from_checkpoint")}},
@@ -599,7 +538,7 @@ def run_job(cfg: DictConfig) -> float | None:
         run_experiment(c, flow, source, run_dir, start, tracker, results)
         ok = True
         results["status"] = "ok"
-    except (NNSVDError, RankError, TargetError, CalibrationError) as exc:
+    except (NNSVDError, RankError, TargetError, CalibrationError, BudgetError) as exc:
         results["status"], results["error"] = "failed", str(exc)
     except Interrupted as exc:
         results["status"], results["error"] = "interrupted", str(exc)

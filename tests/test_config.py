@@ -80,6 +80,38 @@ def test_every_seed_table_cell_composes(cell):
     assert cfg.regularizer.symmetric == ("symmetric" in cell) and (cfg.regularizer.alpha > 0) == ("orthonormal" in cell)
 
 
+@pytest.mark.parametrize("size", _options("size"))
+def test_every_mlp_methods_cell_composes(size):
+    cfg = _compose("experiment=mlp_methods", f"+size={size}", "compress.method=whiten")
+    assert cfg.model.name == "mlp" and cfg.compress.method.value == "whiten"
+    if size.startswith("ratio"):
+        assert cfg.rank is None and cfg.compress.ratio == int(size[5:7]) / 100
+        assert cfg.compress.allocation.value == size.split("_")[1]
+    else:
+        assert cfg.rank == int(size[1:]) and cfg.compress.ratio is None
+
+
+@pytest.mark.parametrize("recipe", _options("recipe"))
+def test_every_gpt2_methods_recipe_composes(recipe):
+    cfg = _compose("experiment=gpt2_methods", f"+recipe={recipe}", "compress.ratio=0.4")
+    method, allocation = recipe.split("_")
+    assert (cfg.compress.method.value, cfg.compress.allocation.value) == (method, allocation)
+    assert cfg.model.tokenizer == "builtin:bytes" and cfg.model.config.vocab_size == 257
+    cfg = _compose("experiment=gpt2_methods", f"+recipe={recipe}", "compress.ratio=0.4", "model=gpt2")
+    assert cfg.model.pretrained is True and cfg.data.name == "wikitext2"
+
+
+def test_method_and_budget_keys_are_validated_by_the_schema():
+    for bad in ("compress.method=qr", "compress.allocation=greedy", "compress.spectrum_loss=mean",
+                "compress.ratio=abc"):
+        with pytest.raises(ConfigCompositionException):
+            _compose(bad)
+    cfg = _compose("compress.ratio=0.4")
+    assert cfg.compress.allocation.value == "uniform" and cfg.compress.spectrum_loss.value == "normalized"
+    assert list(cfg.compress.sensitivity_ratios) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert cfg.calibration.seed == cfg.seed == 42 and cfg.calibration.split == "train"
+
+
 def test_regularizers_compose_symmetric_plus_orthonormal():
     cfg = _compose("regularizer=symmetric", "regularizer.alpha=1e-3")
     assert cfg.regularizer.symmetric is True and cfg.regularizer.alpha == 1e-3

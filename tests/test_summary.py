@@ -52,6 +52,8 @@ def mlp_results(
     error: str | None = None,
     method: str = "auto",
     sequential: bool = False,
+    ratio: float | None = None,
+    allocation: str = "uniform",
 ) -> dict:
     """results.json as run_job writes it for the MLP."""
     symmetric = "symmetric" in regularizer
@@ -80,7 +82,9 @@ def mlp_results(
         "metrics": metrics,
         "params": mlp_params(rank, symmetric) if status == "ok" else {},
         "bound": None,
-        "compress": _compress_record(method, sequential) if mode == "compress" and status == "ok" else None,
+        "compress": (
+            _compress_record(method, sequential, ratio, allocation) if mode == "compress" and status == "ok" else None
+        ),
         "layers": [],
         "timing": {"train_s": 3.0, "compress_s": 0.01, "eval_s": 0.2, "total_s": 3.5},
         "checkpoint": None,
@@ -90,12 +94,14 @@ def mlp_results(
     }
 
 
-def _compress_record(method: str, sequential: bool) -> dict:
+def _compress_record(method: str, sequential: bool, ratio: float | None = None, allocation: str = "uniform") -> dict:
     calibration = None
     if method in ("asvd", "whiten", "fwsvd"):
         calibration = {"samples": 2048, "seq_len": None, "batch_size": 512, "seed": 42, "split": "train",
                        "sequential": sequential, "fisher": method == "fwsvd", "tokens": 2048}
-    return {"method": method, "options": {}, "calibration": calibration}
+    budget = {"ratio": ratio, "allocation": allocation if ratio is not None else None, "spectrum_loss": None,
+              "removed_targets": None if ratio is None else ratio + 0.003, "removed_model": None, "ranks": {}}
+    return {"method": method, "options": {}, "calibration": calibration, "budget": budget}
 
 
 def write_job(
@@ -233,8 +239,8 @@ def test_curves_and_dense_reference(sweep):
     rows = summary.collect(sweep)
     lines = summary.curves(rows, "mlp")
     assert lines == {
-        ("compress", "none", 0.0, "auto"): [(2, 0.41), (8, 0.86)],
-        ("scratch", "symmetric", 0.0, ""): [(2, 0.70), (4, 0.88), (8, 0.93)],
+        ("compress", "none", 0.0, "auto", ""): [(2, 0.41), (8, 0.86)],
+        ("scratch", "symmetric", 0.0, "", ""): [(2, 0.70), (4, 0.88), (8, 0.93)],
     }
     assert summary.dense_reference(rows, "mlp") == (0.9612, "dense (this sweep)")
     without_dense = [row for row in rows if row["mode"] != "dense"]
@@ -253,14 +259,44 @@ def test_one_line_per_method(tmp_path):
     assert [row["method"] for row in rows] == ["svd", "svd", "whiten", "whiten", "whiten+seq"]
     lines = summary.curves(rows, "mlp")
     assert lines == {
-        ("compress", "none", 0.0, "svd"): [(2, 0.17), (8, 0.84)],
-        ("compress", "none", 0.0, "whiten"): [(2, 0.21), (8, 0.87)],
-        ("compress", "none", 0.0, "whiten+seq"): [(8, 0.868)],
+        ("compress", "none", 0.0, "svd", ""): [(2, 0.17), (8, 0.84)],
+        ("compress", "none", 0.0, "whiten", ""): [(2, 0.21), (8, 0.87)],
+        ("compress", "none", 0.0, "whiten+seq", ""): [(8, 0.868)],
     }
     assert [summary.line_label(key) for key in lines] == [
         "compress · svd · none", "compress · whiten · none", "compress · whiten+seq · none"]
     md = summary.markdown_table(rows, title="t")
     assert "| method |" in md and "| whiten+seq |" in md
+
+
+def test_ratio_sweeps_are_drawn_against_the_ratio_one_line_per_method_and_allocation(tmp_path):
+    sweep = tmp_path / "ratios"
+    jobs = [("svd", "uniform", 0.2, 0.95), ("svd", "uniform", 0.6, 0.70), ("svd", "spectrum", 0.2, 0.96),
+            ("svd", "spectrum", 0.6, 0.80), ("whiten", "spectrum", 0.6, 0.90)]
+    for num, (method, allocation, ratio, acc) in enumerate(jobs):
+        overrides = [f"compress.ratio={ratio}", f"compress.allocation={allocation}", f"compress.method={method}"]
+        write_job(sweep, num, overrides, mlp_results(overrides, mode="compress", acc=acc, dense=0.97, method=method,
+                                                     ratio=ratio, allocation=allocation))
+    write_job(sweep, 9, ["rank=8"], mlp_results(["rank=8"], mode="compress", rank=8, acc=0.84, dense=0.97))
+    rows = summary.collect(sweep)
+    assert [(r["ratio"], r["allocation"], r["removed"]) for r in rows[:2]] == [(0.2, "uniform", 0.203), (0.6, "uniform", 0.603)]
+    assert summary.axes_of(rows, "mlp") == ["rank", "ratio"]  # both kinds of job: one panel each
+    lines = summary.curves(rows, "mlp", "ratio")
+    assert lines == {
+        ("compress", "none", 0.0, "svd", "spectrum"): [(0.2, 0.96), (0.6, 0.80)],
+        ("compress", "none", 0.0, "svd", "uniform"): [(0.2, 0.95), (0.6, 0.70)],
+        ("compress", "none", 0.0, "whiten", "spectrum"): [(0.6, 0.90)],
+    }
+    assert summary.curves(rows, "mlp", "rank") == {("compress", "none", 0.0, "auto", ""): [(8, 0.84)]}
+    assert summary.line_label(("compress", "none", 0.0, "whiten", "spectrum")) == "compress · whiten · spectrum · none"
+    md = summary.markdown_table(rows, title="t")
+    assert "| method | allocation | ratio | removed |" in md and "| svd | spectrum | 0.6 | 0.603 |" in md
+    with (sweep / "summary.csv").open("w"):
+        pass
+    paths = summary.write_summary(sweep, rows)
+    header = paths["csv"].read_text().splitlines()[0].split(",")
+    assert {"method", "allocation", "ratio", "removed"} <= set(header)
+    assert paths["png"].read_bytes().startswith(PNG_SIGNATURE)
 
 
 # --------------------------------------------------------------------- write
@@ -295,8 +331,8 @@ def test_reference_overlay_and_an_empty_plot_render(sweep, tmp_path):
     summary.write_summary(sweep, rows, reference=summary.REFERENCE_CSV)
     assert (sweep / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     published, dense = summary.read_reference(summary.REFERENCE_CSV)
-    assert dense == 0.9049 and published[("compress", "none", 0.0, "auto")][0] == (1, 0.1987)
-    assert published[("scratch", "symmetric+orthonormal", 0.01, "")] == [(8, 0.8218)]
+    assert dense == 0.9049 and published[("compress", "none", 0.0, "auto", "")][0] == (1, 0.1987)
+    assert published[("scratch", "symmetric+orthonormal", 0.01, "", "")] == [(8, 0.8218)]
 
     failed_only = [row for row in rows if row["status"] != "ok"]
     summary.plot_summary(tmp_path / "empty.png", failed_only, title="nothing ok")

@@ -13,10 +13,19 @@ One module per concept:
 - ``calibration``: the input statistics those methods weight by, collected with forward hooks;
 - ``methods``: the methods by name, and ``factorize`` (one method, one weight);
 - ``ranks``: which ranks save parameters;
+- ``allocation``, ``sensitivity``: per-layer ranks under a parameter budget (compress.ratio);
 - ``report``: what compression did to each layer;
 - ``surgery``: finding targets, swapping layers in, rebuilding saved structures.
 """
 
+from nnsvd.lowrank.allocation import (
+    BudgetError,
+    Shape,
+    greedy_allocation,
+    spectrum_allocation,
+    target_shapes,
+    uniform_ranks,
+)
 from nnsvd.lowrank.calibration import (
     InputStats,
     LayerStats,
@@ -55,6 +64,7 @@ from nnsvd.lowrank.methods import (
 )
 from nnsvd.lowrank.ranks import RankError, max_useful_rank, validate_rank
 from nnsvd.lowrank.report import CompressionReport, LayerReport
+from nnsvd.lowrank.sensitivity import measure_sensitivity, sensitivity_allocation
 from nnsvd.lowrank.surgery import (
     TargetError,
     compress_model,
@@ -77,6 +87,14 @@ from nnsvd.lowrank.weighted import (
 )
 
 __all__ = [
+    "BudgetError",
+    "Shape",
+    "greedy_allocation",
+    "measure_sensitivity",
+    "sensitivity_allocation",
+    "spectrum_allocation",
+    "target_shapes",
+    "uniform_ranks",
     "DATA_AWARE_METHODS",
     "FACTORIZERS",
     "PLAIN_METHODS",

@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
+from nnsvd.lowrank.factorize import Factorizer
+from nnsvd.lowrank.layers import linear_weight
+from nnsvd.lowrank.methods import spectrum
 from nnsvd.lowrank.ranks import max_useful_rank
+from nnsvd.lowrank.surgery import find_targets
 
 
 class BudgetError(ValueError):
@@ -51,6 +57,14 @@ class Shape:
     @property
     def max_rank(self) -> int:
         return max_useful_rank(self.out_features, self.in_features)
+
+
+def target_shapes(model: nn.Module, targets: Iterable[str]) -> dict[str, Shape]:
+    """{name: Shape} of the layers the target patterns select, in the model's order."""
+    names = set(find_targets(model, targets))
+    return {
+        name: Shape(*linear_weight(module)[0].shape) for name, module in model.named_modules() if name in names
+    }
 
 
 def check_ratio(ratio: float) -> float:
@@ -191,3 +205,24 @@ def convex_curve(points: Mapping[int, float], ranks: Sequence[int]) -> dict[int,
             (x1, y1), (x2, y2) = hull[i - 1], hull[i]
             curve[r] = y1 + (y2 - y1) * (r - x1) / (x2 - x1)
     return curve
+
+
+def spectrum_allocation(
+    model: nn.Module,
+    shapes: Mapping[str, Shape],
+    ratio: float,
+    *,
+    method: str | Factorizer = "auto",
+    calibration: Mapping[str, object] | None = None,
+    normalized: bool = True,
+) -> dict[str, int]:
+    """The spectrum rule: ranks minimizing Σ_l loss_l(r_l) under the budget, where loss_l(r) is
+    the tail Σ_{i>r} σ_i² of the spectrum the method truncates (σ(W) for plain SVD, σ(L·W·R) for a
+    data-aware method, so the loss is the method's own error), divided by the layer's total Σ σ_i²
+    when ``normalized`` (every layer then weighs the same, whatever its scale)."""
+    losses = {}
+    for name in shapes:
+        W, _ = linear_weight(model.get_submodule(name))
+        sigma = spectrum(W, method, None if calibration is None else calibration.get(name))
+        losses[name] = tail_losses(sigma.tolist(), normalized=normalized)
+    return greedy_allocation(shapes, losses, budget(shapes, ratio))

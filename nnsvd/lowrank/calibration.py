@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,7 +140,7 @@ class StatsCollector:
 def collect_statistics(
     model: nn.Module,
     names: Sequence[str],
-    batches: Iterable,
+    batches: Sequence,
     loss_fn: LossFn,
     *,
     fisher: bool = False,
@@ -153,6 +153,10 @@ def collect_statistics(
     restored afterwards. Fisher is the per-batch empirical Fisher (the square of each batch's
     mean-loss gradient, summed over batches): batch_size 1 gives the per-sample form.
     """
+    log.info(
+        "calibration statistics of %d layer(s) over %d batches: %.1f MB (float64)%s",
+        len(names), len(batches), stats_nbytes(model, names, fisher=fisher) / 2**20, ", with Fisher" if fisher else "",
+    )
     was_training = model.training
     model.eval()
     collector = StatsCollector(model, names, fisher=fisher)

@@ -20,7 +20,15 @@ from nnsvd.lowrank.factorize import (
     svd_randomized,
     work_device,
 )
-from nnsvd.lowrank.weighted import asvd, fwsvd, whiten
+from nnsvd.lowrank.weighted import (
+    asvd,
+    asvd_weights,
+    fwsvd,
+    fwsvd_weights,
+    weighted_matrix,
+    whiten,
+    whiten_weights,
+)
 
 PLAIN_METHODS: dict[str, Factorizer] = {
     "auto": svd_auto,
@@ -30,6 +38,9 @@ PLAIN_METHODS: dict[str, Factorizer] = {
 }
 DATA_AWARE_METHODS: dict[str, Factorizer] = {"asvd": asvd, "whiten": whiten, "fwsvd": fwsvd}
 FACTORIZERS: dict[str, Factorizer] = {**PLAIN_METHODS, **DATA_AWARE_METHODS}
+
+WEIGHTINGS = {"asvd": asvd_weights, "whiten": whiten_weights, "fwsvd": fwsvd_weights}
+"""The weights L, R of each data-aware method (``weights(W, calibration, **options)``)."""
 
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {"asvd": ("alpha",), "whiten": ("damp",)}
 """The keyword options each method takes besides W, rank and calibration."""
@@ -72,3 +83,27 @@ def factorize(W: Tensor, rank: int, method: str | Factorizer = "auto", **context
         f.fro_error = float(torch.linalg.matrix_norm(W64 - f.A @ f.B))
     f.A, f.B = f.A.to(W.device, W.dtype), f.B.to(W.device, W.dtype)
     return f
+
+
+def singular_values(M: Tensor) -> Tensor:
+    """σ_1 ≥ σ_2 ≥ … of M in float64: eigenvalues of the smaller Gram from min(m, n) ≥ 256 on, as svd_gram."""
+    M = M.detach().to(work_device(M), torch.float64)
+    if min(M.shape) < 256:
+        return torch.linalg.svdvals(M)
+    gram = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def spectrum(W: Tensor, method: str | Factorizer = "auto", calibration=None, **options) -> Tensor:
+    """The spectrum whose tail a method truncates: σ(W) for plain methods, σ(L·W·R) for data-aware ones.
+
+    Σ_{i>r} σ_i² is then the method's own error at rank r (Frobenius, or weighted), which is
+    what the spectrum allocation weighs across layers.
+    """
+    name = method_name(method)
+    if isinstance(method, functools.partial):
+        options = {**method.keywords, **options}
+    W64 = W.detach().to(work_device(W), torch.float64)
+    if name not in WEIGHTINGS:
+        return singular_values(W64)
+    return singular_values(weighted_matrix(W64, WEIGHTINGS[name](W64, calibration, **options)))

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from nnsvd.lowrank.calibration import LayerStats, LossFn, collect_statistics, sequential_stages, stats_nbytes
+from nnsvd.lowrank.calibration import LayerStats, LossFn, collect_statistics, sequential_stages
 from nnsvd.lowrank.factorize import Factorizer, factorize_symmetric
 from nnsvd.lowrank.layers import (
     PLAIN,
@@ -204,11 +204,7 @@ def compress_with_calibration(
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted((name for name, *_ in plan), key=order.__getitem__)  # stages follow the forward order
     stages = sequential_stages(names) if sequential else [names]
-    largest = max(stats_nbytes(model, stage, fisher=fisher) for stage in stages)
-    log.info(
-        "calibration: %d batches, %d target layers in %d stage(s); statistics take %.1f MB (float64)%s",
-        len(batches), len(names), len(stages), largest / 2**20, " per stage" if sequential else "",
-    )
+    log.info("calibration in %d stage(s) of %s layers", len(stages), "/".join(str(len(st)) for st in stages))
     report = CompressionReport()
     for stage in stages:
         stats = collect_statistics(model, stage, batches, loss_fn, fisher=fisher)

@@ -20,6 +20,8 @@ so the layers, counting, saving and reloading are those of plain SVD. Plain PyTo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,25 @@ class CalibrationError(ValueError):
     """Calibration statistics that a data-aware method cannot use (missing, all zero, not factorizable)."""
 
 
+@dataclass
+class Weights:
+    """The weights of one layer's weighted problem: L = diag(left) and R (diagonal or triangular)."""
+
+    left: Tensor | None = None  # out
+    right: Tensor | None = None  # in, or in×in lower-triangular
+    damping: float | None = None  # λ added to XᵀX (whitening), in XᵀX's units
+    damping_per_token: float = 0.0  # the same λ for the per-token Gram XᵀX/N that R factors
+    notes: list[str] = field(default_factory=list)
+
+
+def weighted_matrix(W: Tensor, weights: Weights) -> Tensor:
+    """L·W·R: the matrix whose truncation the weighted methods take."""
+    M = W if weights.left is None else weights.left[:, None] * W
+    if weights.right is not None:
+        M = M * weights.right if weights.right.dim() == 1 else M @ weights.right
+    return M
+
+
 def weighted_truncation(
     W: Tensor, rank: int, *, left: Tensor | None = None, right: Tensor | None = None
 ) -> Factors:
@@ -47,10 +68,7 @@ def weighted_truncation(
     never an explicit inverse. The SVD of L·W·R is exact; the returned singular_values are
     its spectrum, so Σ_{i>r} σ_i² is the minimized weighted error ‖L·(W − Ŵ)·R‖²_F.
     """
-    M = W if left is None else left[:, None] * W
-    if right is not None:
-        M = M * right if right.dim() == 1 else M @ right
-    f = svd_exact(M, rank)
+    f = svd_exact(weighted_matrix(W, Weights(left, right)), rank)
     A, B = f.A, f.B
     if left is not None:
         A = A / left[:, None]
@@ -68,17 +86,28 @@ def _unit_mean(weights: Tensor) -> Tensor:
     return weights / mean + EPS
 
 
-def asvd(W: Tensor, rank: int, *, calibration: LayerStats, alpha: float = 0.5) -> Factors:
+def asvd_weights(W: Tensor, calibration: LayerStats, alpha: float = 0.5) -> Weights:
     """ASVD: R = diag(s), s_j = (mean_t |x_tj|)^α + ε (α = compress.asvd_alpha; α = 0 is plain SVD)."""
-    s = _unit_mean(calibration.mean_abs.to(W) ** alpha)
-    return weighted_truncation(W, rank, right=s)
+    return Weights(right=_unit_mean(calibration.mean_abs.to(W) ** alpha))
 
 
-def fwsvd(W: Tensor, rank: int, *, calibration: LayerStats) -> Factors:
+def fwsvd_weights(W: Tensor, calibration: LayerStats) -> Weights:
     """FWSVD: L = diag(√I_i) + ε, I_i = Σ_j Fisher_ij (uniform Fisher is plain SVD)."""
     if calibration.fisher is None:
         raise CalibrationError("fwsvd needs Fisher statistics: collect them with calibration.fisher=true")
-    return weighted_truncation(W, rank, left=_unit_mean(calibration.fisher.to(W).sqrt()))
+    return Weights(left=_unit_mean(calibration.fisher.to(W).sqrt()))
+
+
+def asvd(W: Tensor, rank: int, *, calibration: LayerStats, alpha: float = 0.5) -> Factors:
+    """ASVD's factorization: the weighted truncation with asvd_weights."""
+    w = asvd_weights(W, calibration, alpha)
+    return weighted_truncation(W, rank, right=w.right)
+
+
+def fwsvd(W: Tensor, rank: int, *, calibration: LayerStats) -> Factors:
+    """FWSVD's factorization: the weighted truncation with fwsvd_weights."""
+    w = fwsvd_weights(W, calibration)
+    return weighted_truncation(W, rank, left=w.left)
 
 
 def damped_cholesky(gram: Tensor, damp: float) -> tuple[Tensor, float, list[str]]:
@@ -113,23 +142,33 @@ def damped_cholesky(gram: Tensor, damp: float) -> tuple[Tensor, float, list[str]
     )
 
 
-def whiten(W: Tensor, rank: int, *, calibration: LayerStats, damp: float = 0.01) -> Factors:
+def whiten_weights(W: Tensor, calibration: LayerStats, damp: float = 0.01) -> Weights:
     """SVD-LLM whitening: R = C, C·Cᵀ = XᵀX + λI, λ = damp·mean(diag XᵀX) (damp = compress.damp).
 
-    With λ = 0 this minimizes the data error ‖(W − Ŵ)·Xᵀ‖_F exactly; the minimum is the tail
-    √(Σ_{i>r} σ_i(W·C)²). The Gram is used per token (XᵀX/N), which changes nothing in Ŵ and
-    keeps A and B balanced. The relative data error follows from the spectrum without another
-    pass over G: ‖ΔXᵀ‖² = ‖ΔC‖² − λ‖Δ‖² = tail² − λ‖Δ‖², and ‖WXᵀ‖² = ‖WC‖² − λ‖W‖².
+    The Gram is used per token (XᵀX/N), which changes nothing in Ŵ and keeps A and B balanced.
     """
     tokens = max(calibration.tokens, 1)
-    C, lam, notes = damped_cholesky(calibration.gram.to(W) / tokens, damp)  # λ per token
-    f = weighted_truncation(W, rank, right=C)
+    C, lam, notes = damped_cholesky(calibration.gram.to(W) / tokens, damp)
+    return Weights(right=C, damping=lam * tokens, damping_per_token=lam, notes=notes)
+
+
+def whiten(W: Tensor, rank: int, *, calibration: LayerStats, damp: float = 0.01) -> Factors:
+    """Whitening's factorization: the weighted truncation with whiten_weights.
+
+    With λ = 0 this minimizes the data error ‖(W − Ŵ)·Xᵀ‖_F exactly; the minimum is the tail
+    √(Σ_{i>r} σ_i(W·C)²). The relative data error follows from the spectrum without another
+    pass over G: ‖ΔXᵀ‖² = ‖ΔC‖² − λ‖Δ‖² = tail² − λ‖Δ‖², and ‖WXᵀ‖² = ‖WC‖² − λ‖W‖²
+    (per token, as C is).
+    """
+    w = whiten_weights(W, calibration, damp)
+    lam = w.damping_per_token
+    f = weighted_truncation(W, rank, right=w.right)
     S = f.singular_values
     f.fro_error = float(torch.linalg.matrix_norm(W - f.A @ f.B))
     err2 = float(S[rank:].square().sum()) - lam * f.fro_error**2
     total2 = float(S.square().sum()) - lam * float(W.square().sum())
     f.data_error = (max(err2, 0.0) / total2) ** 0.5 if total2 > 0 else 0.0
-    f.damping, f.notes = lam * tokens, notes
+    f.damping, f.notes = w.damping, w.notes
     return f
 
 

@@ -26,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, PreTrai
 from nnsvd import hub
 from nnsvd.errors import CheckpointError, ModelLoadError
 from nnsvd.lowrank import layer_records, rebuild_structure
+from nnsvd.models.byte_tokenizer import BYTES, byte_level_tokenizer
 
 GPT2_TARGETS = [
     "transformer.h.*.attn.c_attn",
@@ -84,7 +85,7 @@ _MODEL_HINT = (
     "set model.name_or_path to a local directory written by save_pretrained, or to a Hub name such as "
     "'gpt2' (needs network)"
 )
-_TOKENIZER_HINT = "use a local directory holding tokenizer.json or vocab.json + merges.txt"
+_TOKENIZER_HINT = "use a local directory holding tokenizer.json or vocab.json + merges.txt, or builtin:bytes"
 
 
 def _hub_error(what: str, name: str, hint: str, error: BaseException) -> ModelLoadError:
@@ -138,14 +139,21 @@ def gpt2_config(overrides: Mapping) -> GPT2Config:
             f"unknown GPT-2 config keys {unknown}; known keys include n_layer, n_embd, n_head, "
             "n_positions, vocab_size"
         )
-    return GPT2Config(**overrides)
+    config = GPT2Config(**overrides)
+    if config.eos_token_id >= config.vocab_size:  # GPT-2's end-of-text is its last token (50256 of 50257)
+        config.bos_token_id = config.eos_token_id = config.vocab_size - 1
+    return config
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The GPT-2 byte-level BPE tokenizer from a Hub name or a local directory, eos = <|endoftext|>.
 
     A local directory holds either tokenizer.json or the original vocab.json + merges.txt.
+    ``builtin:bytes`` is the byte-level tokenizer of 257 tokens (nnsvd.models.byte_tokenizer),
+    which needs no files.
     """
+    if name_or_path == BYTES:
+        return byte_level_tokenizer()
     local = _local_source(name_or_path, "tokenizer", _TOKENIZER_HINT)
     if local is not None:
         has_files = (local / "tokenizer.json").is_file() or all(

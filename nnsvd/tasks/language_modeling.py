@@ -187,14 +187,16 @@ class LanguageModelingTask:
 
     @torch.inference_mode()
     def sample(self, model: nn.Module) -> str:
-        """Greedy continuation of model.sample_prompt (deterministic), for a look at the model."""
+        """Greedy continuation of model.sample_prompt (deterministic), for a look at the model; at most
+        model.sample_tokens new tokens, and no more than the model's context holds."""
         prompt = self.model_cfg["sample_prompt"]
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        ids = ids[:, -(model.config.n_positions - 1):]
         was_training = model.training
         model.eval()
         out = model.generate(
             ids,
-            max_new_tokens=self.model_cfg["sample_tokens"],
+            max_new_tokens=min(self.model_cfg["sample_tokens"], model.config.n_positions - ids.shape[1]),
             do_sample=False,
             pad_token_id=self.tokenizer.eos_token_id,
         )

@@ -1,0 +1,262 @@
+"""The compress stage of an experiment: its settings checked up front, then calibration, rank
+allocation under a budget, factorization, and the record of what was done.
+
+The math lives in ``nnsvd.lowrank``; this module reads the run's config and calls it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnsvd.calibration_data import check_calibration
+from nnsvd.checkpoint import write_json_atomic
+from nnsvd.counting import param_summary
+from nnsvd.errors import ConfigError
+from nnsvd.lowrank import (
+    SYMMETRIC,
+    CompressionReport,
+    collect_statistics,
+    compress_model,
+    compress_with_calibration,
+    is_data_aware,
+    plan_compression,
+    resolve_factorizer,
+)
+from nnsvd.lowrank.allocation import (
+    BudgetError,
+    budget,
+    check_ratio,
+    kept,
+    removed_fraction,
+    spectrum_allocation,
+    target_shapes,
+    uniform_ranks,
+)
+from nnsvd.lowrank.sensitivity import measure_sensitivity, sensitivity_allocation
+
+log = logging.getLogger("nnsvd")
+
+PLAIN = "auto, svd, gram, randomized"
+
+
+def method_options(compress: Mapping) -> dict:
+    """The keyword options of the configured method (compress.asvd_alpha, compress.damp)."""
+    return {"asvd": {"alpha": compress["asvd_alpha"]}, "whiten": {"damp": compress["damp"]}}.get(compress["method"], {})
+
+
+def factorizer(compress: Mapping):
+    """The configured method with its options bound."""
+    return resolve_factorizer(compress["method"], **method_options(compress))
+
+
+def wants_fisher(c: Mapping) -> bool:
+    """calibration.fisher, where null means: when the method needs it (fwsvd)."""
+    fisher = c["calibration"]["fisher"]
+    return c["compress"]["method"] == "fwsvd" if fisher is None else bool(fisher)
+
+
+def needs_calibration(c: Mapping, flow: str) -> bool:
+    """Whether the compress stage needs calibration batches: a data-aware method, or sensitivity allocation."""
+    comp = c["compress"]
+    sensitivity = comp["ratio"] is not None and comp["allocation"] == "sensitivity"
+    return flow == "compress" and (is_data_aware(comp["method"]) or sensitivity)
+
+
+def check_size(c: Mapping, flow: str) -> None:
+    """rank and compress.ratio are two ways to size the factors: exactly one for compress and scratch."""
+    rank, comp = c["rank"], c["compress"]
+    ratio, allocation = comp["ratio"], comp["allocation"]
+    if rank is not None and ratio is not None:
+        raise ConfigError(
+            f"rank={rank} and compress.ratio={ratio} both size the factors; give one: rank=R for one rank "
+            "everywhere, or compress.ratio=F for the fraction of the target weights to remove"
+        )
+    if ratio is not None:
+        check_ratio(ratio)
+        if allocation != "uniform" and flow == "scratch":
+            raise ConfigError(
+                f"compress.allocation={allocation} reads a trained model's weights, but mode=scratch trains from "
+                "random init; use compress.allocation=uniform"
+            )
+    elif allocation != "uniform":
+        raise ConfigError(
+            f"compress.allocation={allocation} shares out a parameter budget: set compress.ratio=F "
+            f"(e.g. compress.ratio=0.4) instead of rank={rank}, or use compress.allocation=uniform"
+        )
+
+
+def check_compression(c: Mapping, flow: str, model: nn.Module, symmetric: bool) -> int | dict[str, int] | None:
+    """One-line ConfigErrors for compression settings that cannot work, before any data or training.
+
+    Returns the ranks known now: the rank, or a uniform allocation's per-layer ranks (which
+    mode=scratch needs); None when the allocation reads the trained weights later.
+    """
+    comp = c["compress"]
+    targets, full = list(c["model"]["targets"]), comp["allow_full_rank"]
+    check_size(c, flow)
+    if comp["ratio"] is None:
+        ranks = c["rank"]
+        plan = plan_compression(model, targets, ranks, symmetric=symmetric, allow_full_rank=full)
+    else:
+        plan = plan_compression(model, targets, 1, symmetric=symmetric, allow_full_rank=full)
+        if any(form == SYMMETRIC for *_, form in plan):
+            raise ConfigError(
+                "compress.ratio budgets the plain two-factor form, but regularizer.symmetric=true ties square "
+                "targets; use rank=R with the symmetric regularizer, or regularizer.symmetric=false"
+            )
+        shapes = target_shapes(model, targets)
+        ranks = uniform_ranks(shapes, comp["ratio"])
+        if kept(shapes, ranks) > budget(shapes, comp["ratio"]):
+            raise BudgetError(
+                f"compress.ratio={comp['ratio']} removes more than rank 1 everywhere does "
+                f"({removed_fraction(shapes, dict.fromkeys(shapes, 1)):.3f}); lower compress.ratio"
+            )
+        if comp["allocation"] != "uniform":
+            ranks = None
+    check_method(c, flow, plan)
+    return ranks
+
+
+def check_method(c: Mapping, flow: str, plan: list) -> None:
+    method, comp = c["compress"]["method"], c["compress"]
+    if needs_calibration(c, "compress"):
+        check_calibration(c["calibration"])
+    if not is_data_aware(method):
+        if c["calibration"]["sequential"]:
+            log.warning("calibration.sequential=true has no effect with compress.method=%s (a plain method)", method)
+        return
+    if flow == "scratch":
+        raise ConfigError(
+            f"compress.method={method} is data-aware: it factorizes a trained model, but mode=scratch trains "
+            f"factors from random init; use mode=compress, or a plain method ({PLAIN})"
+        )
+    square = [name for name, _, _, form in plan if form == SYMMETRIC]
+    if square:
+        raise ConfigError(
+            f"compress.method={method} has no symmetric form, but regularizer.symmetric=true ties {square[0]}"
+            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({PLAIN})"
+        )
+    if method == "fwsvd" and c["calibration"]["fisher"] is False:
+        raise ConfigError("compress.method=fwsvd weights by the Fisher: calibration.fisher=false is not allowed (use null or true)")
+    if comp["damp"] < 0:
+        raise ConfigError(f"compress.damp={comp['damp']} must be ≥ 0")
+    if comp["asvd_alpha"] < 0:
+        raise ConfigError(f"compress.asvd_alpha={comp['asvd_alpha']} must be ≥ 0")
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def compress(task, model: nn.Module, c: Mapping, symmetric: bool, batches: list | None,
+             cache_dir: Path | None) -> tuple[CompressionReport, dict]:
+    """Factorize the targets in place; returns the report and the record for results.json.
+
+    Plain methods factorize the weights alone. Data-aware ones calibrate on ``batches``: all at
+    once (one pass over the dense model), or sequentially stage by stage. A ratio is shared out
+    as per-layer ranks first (from the dense model's weights, spectra or measured sensitivity).
+    """
+    comp, cal = c["compress"], c["calibration"]
+    targets, full = list(c["model"]["targets"]), comp["allow_full_rank"]
+    method = factorizer(comp)
+    shapes = target_shapes(model, targets)
+    data_aware = is_data_aware(comp["method"])
+    allocated = comp["ratio"] is not None and comp["allocation"] != "uniform"
+    stats = None
+    if data_aware and (not cal["sequential"] or allocated):
+        stats = collect_statistics(model, list(shapes), batches, task.calibration_loss, fisher=wants_fisher(c))
+    ranks = allocate(task, model, c, shapes, method, stats, batches, cache_dir)
+    if not data_aware:
+        report = compress_model(model, targets, ranks, symmetric=symmetric, method=method, allow_full_rank=full)
+    elif cal["sequential"]:
+        del stats
+        report = compress_with_calibration(
+            model, targets, ranks, batches=batches, loss_fn=task.calibration_loss, method=method,
+            sequential=True, fisher=wants_fisher(c), allow_full_rank=full,
+        )
+    else:
+        report = compress_model(model, targets, ranks, method=method, allow_full_rank=full, calibration=stats)
+    return report, record(c, report, batches, shapes, model)
+
+
+def allocate(task, model: nn.Module, c: Mapping, shapes: Mapping, method, stats, batches, cache_dir) -> int | dict:
+    """The rank (rank=R), or the per-layer ranks that share out compress.ratio."""
+    comp = c["compress"]
+    ratio, allocation = comp["ratio"], comp["allocation"]
+    if ratio is None:
+        return c["rank"]
+    if allocation == "uniform":
+        ranks = uniform_ranks(shapes, ratio)
+    elif allocation == "spectrum":
+        ranks = spectrum_allocation(model, shapes, ratio, method=method, calibration=stats,
+                                    normalized=comp["spectrum_loss"] == "normalized")
+    else:
+        measured = sensitivity(task, model, c, shapes, method, stats, batches, cache_dir)
+        ranks = sensitivity_allocation(shapes, measured, ratio)
+    log.info(
+        "compress.ratio=%g, allocation=%s: ranks %s; %.4f of the target weights removed",
+        ratio, allocation, ", ".join(f"{n}={r}" for n, r in ranks.items()), removed_fraction(shapes, ranks),
+    )
+    return ranks
+
+
+def sensitivity(task, model, c, shapes, method, stats, batches, cache_dir) -> dict[str, dict[int, float]]:
+    """Measured loss increases per layer and rank, cached per model + calibration data + method,
+    so that a sweep over ratios measures once."""
+    ratios = [float(r) for r in c["compress"]["sensitivity_ratios"]]
+    path = None
+    if cache_dir is not None:
+        key = sensitivity_key(model, shapes, batches, c["compress"], ratios)
+        path = cache_dir / "sensitivity" / f"{key}.json"
+        if path.is_file():
+            log.info("sensitivity measurements from cache %s", path)
+            return {name: {int(r): d for r, d in per.items()} for name, per in json.loads(path.read_text()).items()}
+    measured = measure_sensitivity(model, shapes, batches, task.calibration_loss, method=method,
+                                   calibration=stats, ratios=ratios)
+    if path is not None:
+        write_json_atomic(path, measured)
+        log.info("sensitivity measurements cached at %s", path)
+    return measured
+
+
+def sensitivity_key(model: nn.Module, shapes: Mapping, batches: list, comp: Mapping, ratios: list[float]) -> str:
+    """A hash of what the measurements depend on: the weights, the targets, the calibration
+    batches, the method and its options, and the candidate ratios."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for batch in batches:
+        for t in batch if isinstance(batch, tuple | list) else (batch,):
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps([list(shapes), comp["method"], method_options(comp), ratios]).encode())
+    return h.hexdigest()[:20]
+
+
+def record(c: Mapping, report: CompressionReport, batches: list | None, shapes: Mapping, model: nn.Module) -> dict:
+    """What results.json and W&B say about how the model was compressed: method, calibration, budget."""
+    comp = c["compress"]
+    out = {"method": comp["method"], "options": method_options(comp), "calibration": None}
+    if batches is not None:
+        cal = c["calibration"]
+        out["calibration"] = {
+            **{k: cal[k] for k in ("samples", "seq_len", "batch_size", "seed", "split", "sequential")},
+            "fisher": wants_fisher(c),
+            "tokens": sum(b[0].shape[0] if isinstance(b, tuple | list) else b.numel() for b in batches),
+        }
+    params = param_summary(model)
+    out["budget"] = {
+        "ratio": comp["ratio"],  # requested: the fraction of the target layers' weights removed
+        "allocation": comp["allocation"] if comp["ratio"] is not None else None,
+        "spectrum_loss": comp["spectrum_loss"] if comp["ratio"] is not None and comp["allocation"] == "spectrum" else None,
+        "removed_targets": removed_fraction(shapes, report.ranks()),  # achieved, over the targets' weights
+        "removed_model": 1 - params.total / params.dense_total,  # achieved, over every parameter of the model
+        "ranks": report.ranks(),
+    }
+    return out

@@ -12,6 +12,7 @@ from nnsvd.summary.reference import draw_reference
 from nnsvd.summary.rows import METRIC_STYLES, METRICS
 from nnsvd.summary.table import number
 
+LINESTYLES = {"uniform": "-", "spectrum": "--", "sensitivity": ":"}
 RATIO_LABEL = "compress.ratio: fraction of the target layers' weights removed (requested)"
 
 
@@ -46,10 +47,13 @@ def _plot_panel(ax, rows: Sequence[dict], model: str, axis: str, reference: Path
     metric = METRICS[model]
     ylabel, yscale, _ = METRIC_STYLES[metric]
     lines = curves(rows, model, axis)
-    colours = {key: f"C{i % 10}" for i, key in enumerate(lines)}
+    # one colour per method (and mode, regularizer, alpha), one line style per allocation
+    families = list(dict.fromkeys(key[:4] for key in lines))
+    colours = {key: f"C{families.index(key[:4]) % 10}" for key in lines}
     for key, points in lines.items():
         xs, values = zip(*points)
-        ax.plot(xs, values, marker="o", color=colours[key], label=line_label(key))
+        ax.plot(xs, values, marker="o", color=colours[key], linestyle=LINESTYLES.get(key[4], "-"),
+                label=line_label(key))
 
     dense = dense_reference(rows, model)
     if dense is not None:

@@ -39,6 +39,14 @@ GPT2_CONFIG, GPT2_LAYERS, GPT2_META = "config.json", "nnsvd_layers.json", "nnsvd
 KINDS = {"mlp": f"an MLP ({STRUCTURE})", "gpt2": f"a GPT-2 ({GPT2_CONFIG} + {GPT2_LAYERS})"}
 
 
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

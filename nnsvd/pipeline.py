@@ -29,7 +29,9 @@ from nnsvd.checkpoint import (
     has_train_state,
     load_train_state,
     locked,
+    read_json,
     save_train_state,
+    write_json_atomic,
 )
 from nnsvd.compression import check_compression, compress, needs_calibration
 from nnsvd.config import KIND_OPTIONS, explicit_model_keys, override_items
@@ -246,20 +248,21 @@ def dense_cache_entry(c: Mapping, cache_dir: Path) -> Path:
 
 
 def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict, run_dir: Path, fresh):
-    """The trained dense model: from the dense cache, else ``fresh`` (a just-built model) trained now."""
+    """(the trained dense model, its dense-cache entry or None): from the dense cache, else
+    ``fresh`` (a just-built model) trained now."""
     if c["train"][task.length_key] == 0:  # nothing to train (e.g. pretrained GPT-2): nothing to cache
         results["dense_source"] = "built"
-        return fresh
+        return fresh, None
     if not c["cache"]["dense"]:
         results["dense_source"] = "trained"
-        return _train_dense(task, fresh, c, tracker, results, run_dir)
+        return _train_dense(task, fresh, c, tracker, results, run_dir), None
     entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start))
     with locked(entry):  # parallel jobs wait here instead of training the same model twice
         if entry.is_dir():
             model, _ = task.load(entry)
             results["dense_source"] = f"cache:{entry}"
             log.info("dense model loaded from cache %s", entry)
-            return model
+            return model, entry
         model = _train_dense(task, fresh, c, tracker, results, run_dir)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
         meta = {"model": c["model"]["name"], "mode": "dense", "rank": None, "seed": c["seed"], "train": c["train"]}
@@ -267,7 +270,24 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
         os.replace(tmp, entry)
         results["dense_source"] = f"trained, cached at {entry}"
         log.info("dense model trained and cached at %s", entry)
-        return model
+        return model, entry
+
+
+def evaluate_dense(task, model, c: Mapping, entry: Path | None, device: torch.device) -> dict:
+    """The dense model's metrics, kept beside it in the dense cache (keyed by the evaluation and
+    data settings and the device type) so that the jobs of a sweep evaluate it once."""
+    if entry is None:
+        return task.evaluate(model)
+    data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
+    path = entry / f"eval-{cache_key({'eval': c['eval'], 'data': data, 'device': device.type})}.json"
+    with locked(path):
+        cached = read_json(path)
+        if cached is not None:
+            log.info("dense metrics from the cache (%s)", path.name)
+            return cached
+        metrics = task.evaluate(model)
+        write_json_atomic(path, metrics)
+        return metrics
 
 
 def _train_dense(task, model, c: Mapping, tracker: Tracker, results: dict, run_dir: Path):
@@ -347,17 +367,17 @@ def run_experiment(
         results["regularizer"]["effective"] = False
 
     metrics = results["metrics"]
-    report = None
+    report, entry = None, None
     if flow == "scratch":
         report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
         model = train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
     elif flow == "evaluate":
         report = structure_report(model)
     elif source is None:
-        model = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
+        model, entry = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
 
     t = time.perf_counter()
-    final = task.evaluate(model)
+    final = evaluate_dense(task, model, c, entry, device) if flow in ("dense", "compress") else task.evaluate(model)
     timing["eval_s"] += time.perf_counter() - t
 
     if flow == "compress":

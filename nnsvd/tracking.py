@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from nnsvd.checkpoint import write_json_atomic
+from nnsvd.checkpoint import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,7 @@ def run_group(started: datetime, items: Sequence[str]) -> str:
 
 
 def read_results(run_dir: Path) -> dict | None:
-    import json
-
-    path = Path(run_dir) / RESULTS
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(Path(run_dir) / RESULTS)
 
 
 def write_results(run_dir: Path, results: Mapping) -> Path:

@@ -69,6 +69,8 @@ def test_sensitivity_is_measured_once_per_model_data_and_method(env):
     _, second = cli(env, "sens_b", "compress.ratio=0.9", "compress.allocation=sensitivity", "compress.method=whiten")
     assert "sensitivity measurements cached at" in (env["base"] / "sens_a" / "run.log").read_text()
     assert "sensitivity measurements from cache" in (env["base"] / "sens_b" / "run.log").read_text()
+    assert "dense metrics from the cache" in (env["base"] / "sens_b" / "run.log").read_text()  # evaluated once
+    assert second["metrics"]["dense_test_acc"] == first["metrics"]["dense_test_acc"]
     assert first["compress"]["budget"]["removed_targets"] >= 0.7
     assert second["compress"]["budget"]["removed_targets"] >= 0.9
     assert sorted((env["cache"] / "sensitivity").glob("*.json")) == cached  # nothing measured again

@@ -139,10 +139,9 @@ def gpt2_config(overrides: Mapping) -> GPT2Config:
             f"unknown GPT-2 config keys {unknown}; known keys include n_layer, n_embd, n_head, "
             "n_positions, vocab_size"
         )
-    config = GPT2Config(**overrides)
-    if config.eos_token_id >= config.vocab_size:  # GPT-2's end-of-text is its last token (50256 of 50257)
-        config.bos_token_id = config.eos_token_id = config.vocab_size - 1
-    return config
+    vocab = overrides.get("vocab_size", GPT2Config().vocab_size)
+    last = {"bos_token_id": vocab - 1, "eos_token_id": vocab - 1}  # GPT-2's end of text is its last token
+    return GPT2Config(**{**last, **overrides})
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

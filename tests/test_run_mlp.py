@@ -228,7 +228,7 @@ def _fails(env, name, *args, match: str):
         (["rank=32"], "layer 'l2' of shape 64×64 (low-rank form): allowed 1 ≤ rank ≤ 31"),
         (["rank=8", "regularizer=symmetric", "model.targets=[l1]"], "symmetric form needs a square target"),
         (["rank=8", "model.targets=[l9]"], "target pattern 'l9' matches no Linear/Conv1D layer"),
-        (["mode=scratch"], "mode=scratch needs a rank"),
+        (["mode=scratch"], "mode=scratch needs a size: add rank=R (e.g. rank=8) or compress.ratio=F"),
         (["rank=8", "checkpoint=/does/not/exist"], "checkpoint=/does/not/exist does not exist"),
     ],
 )

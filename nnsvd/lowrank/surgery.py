@@ -10,7 +10,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from nnsvd.lowrank.calibration import LayerStats, LossFn, collect_statistics, sequential_stages, stats_nbytes
+from nnsvd.lowrank.calibration import (
+    LayerStats,
+    LossFn,
+    collect_statistics,
+    restrict_groups,
+    sequential_stages,
+    shared_input_groups,
+    stats_nbytes,
+)
 from nnsvd.lowrank.factorize import Factorizer, factorize_symmetric
 from nnsvd.lowrank.layers import (
     PLAIN,
@@ -199,19 +207,27 @@ def compress_with_calibration(
     transformer block by block), and each stage is calibrated on the model whose earlier
     stages are already compressed, so its inputs are those it will really see (GPTQ's
     compensating order). The float64 statistics of one stage are freed before the next.
+    Targets that read the same tensor share one Gram (found on the first batch). Each pass
+    runs the whole model; ``compress_blockwise`` does the same work one decoder block at a time.
     """
+    batches = list(batches)
     plan = plan_compression(model, targets, rank, symmetric=False, allow_full_rank=allow_full_rank)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted((name for name, *_ in plan), key=order.__getitem__)  # stages follow the forward order
     stages = sequential_stages(names) if sequential else [names]
-    largest = max(stats_nbytes(model, stage, fisher=fisher) for stage in stages)
+    was_training = model.training
+    model.eval()
+    groups = shared_input_groups(model, names, lambda: loss_fn(model, batches[0])) if batches else None
+    model.train(was_training)
+    stage_groups = [None if groups is None else restrict_groups(groups, stage) for stage in stages]
+    largest = max(stats_nbytes(model, stage, fisher=fisher, groups=g) for stage, g in zip(stages, stage_groups))
     log.info(
         "calibration: %d batches, %d target layers in %d stage(s); statistics take %.1f MB (float64)%s",
         len(batches), len(names), len(stages), largest / 2**20, " per stage" if sequential else "",
     )
     report = CompressionReport()
-    for stage in stages:
-        stats = collect_statistics(model, stage, batches, loss_fn, fisher=fisher)
+    for stage, stage_group in zip(stages, stage_groups):
+        stats = collect_statistics(model, stage, batches, loss_fn, fisher=fisher, groups=stage_group)
         report.layers += compress_model(
             model, stage, rank, method=method, allow_full_rank=allow_full_rank, calibration=stats
         ).layers

@@ -32,7 +32,7 @@ from nnsvd.checkpoint import (
     locked,
     save_train_state,
 )
-from nnsvd.config import KIND_OPTIONS, explicit_model_keys, override_items
+from nnsvd.config import KIND_MODELS, KIND_OPTIONS, explicit_model_keys, override_items
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
@@ -45,13 +45,16 @@ from nnsvd.lowrank import (
     RankError,
     SymmetricLowRankLinear,
     TargetError,
+    compress_blockwise,
     compress_model,
     compress_with_calibration,
+    decoder_blocks,
     factorized_layers,
     is_data_aware,
     lowrank_from_scratch,
     plan_compression,
     resolve_factorizer,
+    targets_by_block,
 )
 from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
 from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
@@ -174,7 +177,7 @@ def describe_checkpoint(info: CheckpointInfo) -> dict:
 
 def check_checkpoint_kind(info: CheckpointInfo, model_name: str, choice: str | None) -> None:
     """A model= given with checkpoint= must build the checkpoint's kind of model."""
-    if info.kind != model_name:
+    if model_name not in KIND_MODELS[info.kind]:
         fits = " or ".join(f"model={option}" for option in KIND_OPTIONS[info.kind])
         builds = KINDS.get(model_name, model_name).split(" (")[0]
         raise ConfigError(
@@ -221,10 +224,14 @@ def make_task(c: Mapping, device: torch.device, start: Path):
 
         return ClassificationTask(c, data_root, device, cache_dir)
     if name == "gpt2":
+        from nnsvd.tasks.language_modeling import GPT2Task
+
+        return GPT2Task(c, data_root, device, cache_dir)
+    if name == "causal_lm":
         from nnsvd.tasks.language_modeling import LanguageModelingTask
 
         return LanguageModelingTask(c, data_root, device, cache_dir)
-    raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2")
+    raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2, causal_lm")
 
 
 def method_options(compress: Mapping) -> dict:
@@ -266,13 +273,22 @@ def check_compression(c: Mapping, mode: str, plan: list) -> None:
     check_calibration(c["calibration"])
 
 
-def compress(task, model, c: Mapping, symmetric: bool, batches: list | None) -> CompressionReport:
-    """Factorize the targets in place: plain SVD of the weights, or a data-aware method on ``batches``."""
+def check_blockwise(task, model, plan: list) -> None:
+    """Block-by-block calibration compresses layers inside the decoder blocks only: one line otherwise."""
+    if task.calibrates_by_block:
+        blocks = decoder_blocks(model)
+        targets_by_block([name for name, *_ in plan], blocks, len(model.get_submodule(blocks)))
+
+
+def compress(task, model, c: Mapping, targets: list[str], symmetric: bool, batches: list | None) -> CompressionReport:
+    """Factorize the targets in place: plain SVD of the weights, or a data-aware method on ``batches``
+    (a language model one decoder block at a time, the MLP all at once)."""
     comp = c["compress"]
-    targets, rank, full = list(c["model"]["targets"]), c["rank"], comp["allow_full_rank"]
+    rank, full = c["rank"], comp["allow_full_rank"]
     if batches is None:
         return compress_model(model, targets, rank, symmetric=symmetric, method=comp["method"], allow_full_rank=full)
-    return compress_with_calibration(
+    calibrate = compress_blockwise if task.calibrates_by_block else compress_with_calibration
+    return calibrate(
         model, targets, rank, batches=batches, loss_fn=task.calibration_loss,
         method=resolve_factorizer(comp["method"], **method_options(comp)),
         sequential=c["calibration"]["sequential"], fisher=wants_fisher(c), allow_full_rank=full,
@@ -289,6 +305,8 @@ def compression_record(c: Mapping, report: CompressionReport, batches: list | No
             **{k: cal[k] for k in ("samples", "seq_len", "batch_size", "seed", "split", "sequential")},
             "fisher": wants_fisher(c),
             "tokens": max((layer.calib_tokens or 0) for layer in report.layers),
+            "by_block": report.memory_estimate is not None,
+            "memory_estimate_mb": None if report.memory_estimate is None else round(report.memory_estimate / 2**20, 1),
         }
     return record
 
@@ -379,7 +397,7 @@ def run_experiment(
     """The linear flow. Fills ``results`` in place so a failure keeps what was measured."""
     reg = c["regularizer"]
     alpha, symmetric = float(reg["alpha"]), bool(reg["symmetric"])
-    targets, rank = list(c["model"]["targets"]), c["rank"]
+    rank = c["rank"]
     timing = results["timing"]
     device = resolve_device(c["device"])
     results["device"] = str(device)
@@ -392,9 +410,12 @@ def run_experiment(
     else:
         model = task.build()  # random init (or pretrained): the model trained below
     # Validate targets, ranks and compression settings on the architecture before any data is read or any training.
+    targets = task.targets(model) if flow in ("compress", "scratch") else []
     if flow in ("compress", "scratch"):
         plan = plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
         check_compression(c, flow, plan)
+        if flow == "compress" and is_data_aware(c["compress"]["method"]):
+            check_blockwise(task, model, plan)
     task.prepare()  # loads the data: a missing dataset fails here
     batches = None
     if flow == "compress" and is_data_aware(c["compress"]["method"]):
@@ -424,7 +445,7 @@ def run_experiment(
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
-        report = compress(task, model, c, symmetric, batches)
+        report = compress(task, model, c, targets, symmetric, batches)
         timing["compress_s"] = time.perf_counter() - t
         results["compress"] = compression_record(c, report, batches)
         log.info("compressed %d layers in %.2fs\n%s", len(report.layers), timing["compress_s"], report)

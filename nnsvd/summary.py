@@ -28,7 +28,7 @@ REFERENCE_CSV = Path(__file__).parent / "reference" / "seed_mlp_results.csv"
 REFERENCE_LABEL = "original (published, dropout at eval)"
 
 # The main metric of each model, and how to show it: (axis label, y scale, number format).
-METRICS = {"mlp": "test_acc", "gpt2": "test_ppl"}
+METRICS = {"mlp": "test_acc", "gpt2": "test_ppl", "causal_lm": "test_ppl"}
 METRIC_STYLES = {
     "test_acc": ("test accuracy", "linear", "{:.4f}"),
     "test_ppl": ("test perplexity", "log", "{:.2f}"),

@@ -172,3 +172,24 @@ def test_per_layer_ranks_and_targets_outside_the_blocks(batches):
     assert sorted(set(got.values())) == [2, 3, 5] and report.memory_estimate > 0
     with pytest.raises(TargetError, match=r"target 'lm_head' lies outside the decoder blocks \(model\.layers\.N"):
         compress_blockwise(build("llama"), ["lm_head"], 4, batches=batches, loss_fn=lm_loss, method=method)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sequential", [False, True])
+def test_block_by_block_on_cuda_in_bfloat16(batches, sequential):
+    """On the GPU in bfloat16: the factors of the whole-model path (same float64 statistics), on the GPU."""
+    model = build("mistral").to("cuda", torch.bfloat16)
+    twin = copy.deepcopy(model)
+    on_gpu = [b.cuda() for b in batches]
+    method = resolve_factorizer("whiten")
+    whole = compress_with_calibration(twin, targets("mistral"), 4, batches=on_gpu, loss_fn=lm_loss, method=method,
+                                      sequential=sequential)
+    blocks = compress_blockwise(model, targets("mistral"), 4, batches=on_gpu, loss_fn=lm_loss, method=method,
+                                sequential=sequential)
+    names = [layer.name for layer in whole.layers]
+    for name in names:
+        a, b = model.get_submodule(name), twin.get_submodule(name)
+        assert a.A.device.type == "cuda" and a.A.dtype == torch.bfloat16
+        torch.testing.assert_close(a.A, b.A, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(a.B, b.B, rtol=2e-2, atol=1e-3)
+    assert [x.rel_data_error for x in blocks.layers] == pytest.approx([x.rel_data_error for x in whole.layers], rel=1e-3)

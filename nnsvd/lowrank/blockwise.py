@@ -241,7 +241,7 @@ class MemoryEstimate:
     activations: int  # the cached hidden states of every calibration token, in the model's dtype
     arguments: int  # the cached block arguments (masks, rotary embeddings), distinct tensors once
     fisher: int  # every target's Fisher rows (float64), held throughout with FWSVD
-    factorization: int  # float64 working set of factorizing the largest target: ≈ 2·in² + 4·out·in
+    factorization: int  # whitening's float64 working set on the largest target (see _factorization_nbytes)
     distinct_inputs: int  # Grams in the largest block
     block_targets: int  # targets in the largest block
 
@@ -250,21 +250,33 @@ class MemoryEstimate:
         return self.statistics + self.activations + self.arguments + self.fisher + self.factorization
 
     def describe(self) -> str:
-        mb = 2**20
         return (
-            f"{self.total / mb:.1f} MB beyond the model: one block's statistics {self.statistics / mb:.1f} MB "
+            f"{_size(self.total)} beyond the model: one block's statistics {_size(self.statistics)} "
             f"(float64, {self.distinct_inputs} distinct inputs for {self.block_targets} targets) + cached "
-            f"activations {self.activations / mb:.1f} MB + block arguments {self.arguments / mb:.1f} MB"
-            + (f" + Fisher rows {self.fisher / mb:.1f} MB" if self.fisher else "")
-            + f" + factorizing one layer ≈ {self.factorization / mb:.1f} MB"
+            f"activations {_size(self.activations)} + block arguments {_size(self.arguments)}"
+            + (f" + Fisher rows {_size(self.fisher)}" if self.fisher else "")
+            + f" + factorizing one layer ≈ {_size(self.factorization)}"
         )
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def _factorization_nbytes(model: nn.Module, names: Iterable[str]) -> int:
-    """≈ 8·(2·in² + 4·out·in) for the largest target: the damped Gram and its Cholesky factor
-    (in×in), W, W·C and the residual (out×in), in float64."""
-    shapes = [tuple(linear_weight(model.get_submodule(n))[0].shape) for n in names]
-    return max((8 * (2 * i * i + 4 * o * i) for o, i in shapes), default=0)
+    """Whitening's float64 working set on the largest target (W: out×in, k = min(out, in)), the
+    largest of its phases: the damped Gram and its Cholesky factor C (2·in² + out·in with W);
+    C, W, W·C and the k×k Gram of the SVD (in² + 2·out·in + 2·k²); C, W and the residual
+    W − A·B (in² + 3·out·in)."""
+    total = 0
+    for name in names:
+        o, i = linear_weight(model.get_submodule(name))[0].shape
+        k = min(o, i)
+        total = max(total, 8 * max(2 * i * i + o * i, i * i + 2 * o * i + 2 * k * k, i * i + 3 * o * i))
+    return total
 
 
 # -------------------------------------------------------------------------------- the flow

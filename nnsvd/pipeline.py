@@ -306,7 +306,7 @@ def compression_record(c: Mapping, report: CompressionReport, batches: list | No
             "fisher": wants_fisher(c),
             "tokens": max((layer.calib_tokens or 0) for layer in report.layers),
             "by_block": report.memory_estimate is not None,
-            "memory_estimate_mb": None if report.memory_estimate is None else round(report.memory_estimate / 2**20, 1),
+            "memory_estimate_mib": None if report.memory_estimate is None else round(report.memory_estimate / 2**20, 1),
         }
     return record
 
@@ -410,12 +410,14 @@ def run_experiment(
     else:
         model = task.build()  # random init (or pretrained): the model trained below
     # Validate targets, ranks and compression settings on the architecture before any data is read or any training.
-    targets = task.targets(model) if flow in ("compress", "scratch") else []
+    targets: list[str] = []
     if flow in ("compress", "scratch"):
+        targets = task.targets(model)  # model.targets, or (causal_lm, null) the model type's defaults
         plan = plan_compression(model, targets, rank, symmetric=symmetric, allow_full_rank=c["compress"]["allow_full_rank"])
         check_compression(c, flow, plan)
         if flow == "compress" and is_data_aware(c["compress"]["method"]):
             check_blockwise(task, model, plan)
+        del plan  # it holds the dense target layers: kept, they would outlive their compression
     task.prepare()  # loads the data: a missing dataset fails here
     batches = None
     if flow == "compress" and is_data_aware(c["compress"]["method"]):

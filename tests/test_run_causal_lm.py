@@ -85,7 +85,7 @@ def test_compress_each_family_through_the_command(env, family):
         assert 1 < m[key] < 10 * 50257
     cal = r["compress"]["calibration"]
     if r["compress"]["method"] != "svd":
-        assert cal["by_block"] is True and cal["tokens"] == 6 * 32 and cal["memory_estimate_mb"] > 0
+        assert cal["by_block"] is True and cal["tokens"] == 6 * 32 and cal["memory_estimate_mib"] > 0
         assert all(0 < layer["rel_data_error"] < 1 for layer in r["layers"])
     run_dir = env["base"] / family
     for name in ("model.safetensors", "config.json", "nnsvd_layers.json", "nnsvd_meta.json", "tokenizer.json"):

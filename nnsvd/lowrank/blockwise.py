@@ -9,8 +9,9 @@ own order, holding one block's statistics at a time:
    position ids, rotary embeddings, …), then stops the forward: nothing above it runs.
 2. **Block by block.** For block k: one pass over the cached inputs collects the block's input
    statistics (one Gram per distinct input: q/k/v share one, gate/up another), the targets are
-   compressed with the data-aware factorizer, the statistics are freed, and each cached input is
-   replaced by the block's output, the input of block k + 1. By default these are the dense
+   compressed one by one with the data-aware factorizer (a Gram is freed once the last layer that
+   reads it is done), and each cached input is replaced by the block's output, the input of block
+   k + 1. By default these are the dense
    block's outputs, computed in the statistics pass: the result equals the all-at-once path's.
    With ``sequential=True`` they are computed after compressing, so block k + 1 is calibrated on
    what the compressed blocks before it really feed it (the staged sequential path's result).
@@ -22,11 +23,15 @@ own order, holding one block's statistics at a time:
 Peak memory beyond the model itself: one block's statistics + the cached activations (one
 hidden-state vector per calibration token, in the model's dtype, plus the block arguments,
 stored once when equal across batches) + the float64 working set of factorizing one layer.
-No copy of the model is made. Plain PyTorch (the decoder blocks are any ``nn.ModuleList``).
+No copy of the model is made. Plain PyTorch (the decoder blocks are any ``nn.ModuleList``); on
+Linux, glibc's malloc_trim hands freed heap memory back between layers.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -91,6 +96,29 @@ def targets_by_block(names: Sequence[str], blocks: str, count: int) -> list[list
 
 
 # ------------------------------------------------------------------------ the cached inputs
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap memory that freed tensors left behind back to the OS (glibc's malloc_trim).
+
+    glibc keeps freed blocks below its mmap threshold (which grows up to 32 MB) in the heap, so the
+    resident set of a CPU run would carry the freed activations, batch Grams and factorization
+    temporaries of every layer before. Called between phases and layers; a no-op elsewhere.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class _Captured(Exception):
@@ -260,7 +288,7 @@ class MemoryEstimate:
 
 
 def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes} B"
@@ -311,6 +339,7 @@ def compress_blockwise(
     names = sorted((name for name, *_ in plan), key=order.__getitem__)
     per_block = targets_by_block(names, blocks, len(layers))
     ranks = {name: r for name, _, r, _ in plan}  # validated: each block's layers get exactly these
+    del plan  # it holds the dense layers, which must go as they are replaced
 
     was_training = model.training
     model.eval()
@@ -323,6 +352,7 @@ def compress_blockwise(
                 shared_input_groups(model, block_names, lambda block=block: inputs.run(block, 0)) if block_names else []
                 for block, block_names in zip(layers, per_block)
             ]
+            _release_freed_memory()
             estimate = estimate_memory(model, per_block, groups, inputs, fisher_rows)
             log.info(
                 "calibration: %d batches (%d tokens), %d target layers in %d stage(s), one decoder block (%s.N) at a "
@@ -336,6 +366,7 @@ def compress_blockwise(
                     model, block, block_names, block_groups, inputs, ranks, fisher_rows, method=method,
                     sequential=sequential, allow_full_rank=allow_full_rank,
                 ).layers
+                _release_freed_memory()
     finally:
         model.train(was_training)
     return report
@@ -360,13 +391,16 @@ def _compress_block(
                     inputs.hidden[j] = out
                 del out
         stats: dict[str, LayerStats] = collector.stats
-        for name in names:
+        del collector
+        _release_freed_memory()  # the block's forward temporaries, before the factorizations' working sets
+        report = CompressionReport()
+        for name in names:  # one layer at a time: its dense weight and its working set are freed before the next
             stats[name].fisher = fisher_rows.get(name)
-        report = compress_model(
-            model, names, {name: ranks[name] for name in names}, method=method, allow_full_rank=allow_full_rank,
-            calibration=stats,
-        )
-        del stats, collector
+            report.layers += compress_model(
+                model, [name], {name: ranks[name]}, method=method, allow_full_rank=allow_full_rank,
+                calibration={name: stats.pop(name)},
+            ).layers
+            _release_freed_memory()
         if sequential:
             for j in range(len(inputs)):
                 inputs.hidden[j] = inputs.run(block, j)

@@ -61,8 +61,9 @@ class InputStats:
         """Accumulate a batch of input rows x (…×in): the batch in its dtype (≥ float32), the sum in float64."""
         x = x.detach().reshape(-1, x.shape[-1])
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        self.gram += (x.T @ x).to(device=self.gram.device, dtype=torch.float64)
-        self.abs_sum += x.abs().sum(0).to(device=self.abs_sum.device, dtype=torch.float64)
+        # add_ casts each entry as it adds: no in×in float64 temporary beside the batch's Gram
+        self.gram.add_((x.T @ x).to(self.gram.device))
+        self.abs_sum.add_(x.abs().sum(0).to(self.abs_sum.device))
         self.tokens += x.shape[0]
 
 

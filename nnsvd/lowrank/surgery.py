@@ -151,22 +151,25 @@ def compress_model(
     factorizer = resolve_factorizer(method)
     name_of_method = method_name(method)
     report = CompressionReport()
-    for name, module, r, form in plan:
+    while plan:  # popped: each replaced layer is freed at once, not when the last one is done
+        name, module, r, form = plan.pop(0)
         start = time.perf_counter()
         W, bias = linear_weight(module)
         out_f, in_f = W.shape
-        new = _new_layer(form, module, r)
         stats = calibration.get(name) if calibration is not None else None
         row = LayerReport(name=name, shape=(out_f, in_f), rank=r, form=form, params_before=_params(module),
-                          params_after=_params(new), method=name_of_method)
+                          params_after=0, method=name_of_method)
         W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
+        # The new layer is made after the factorization: its factors never sit beside that working set.
         if form == SYMMETRIC:
             B, _ = factorize_symmetric(W, r)
+            new = _new_layer(form, module, r)
             new.B.copy_(B)
             fro_error = float(torch.linalg.matrix_norm(W.double() - new.dense_weight().double()))
             row.method = "eigh-psd"
         else:
             f = factorize(W, r, factorizer, **({} if stats is None else {"calibration": stats}))
+            new = _new_layer(form, module, r)
             new.A.copy_(f.A)
             new.B.copy_(f.B)
             fro_error = f.fro_error
@@ -181,6 +184,7 @@ def compress_model(
                 row.rel_data_error = relative_data_error(W.double(), new.dense_weight().double(), stats.gram)
         if bias is not None:
             new.bias.copy_(bias)
+        row.params_after = _params(new)
         model.set_submodule(name, new)
         row.rel_fro_error = fro_error / W_norm if W_norm > 0 else 0.0
         row.time_s = time.perf_counter() - start
@@ -214,6 +218,7 @@ def compress_with_calibration(
     plan = plan_compression(model, targets, rank, symmetric=False, allow_full_rank=allow_full_rank)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted((name for name, *_ in plan), key=order.__getitem__)  # stages follow the forward order
+    del plan  # it holds the dense layers, which must go as they are replaced
     stages = sequential_stages(names) if sequential else [names]
     was_training = model.training
     model.eval()
@@ -246,7 +251,8 @@ def lowrank_from_scratch(
     """Replace target layers by randomly initialized factorized layers (for training from scratch)."""
     plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
     report = CompressionReport()
-    for name, module, r, form in plan:
+    while plan:  # popped: each replaced layer is freed at once
+        name, module, r, form = plan.pop(0)
         new = _new_layer(form, module, r)
         model.set_submodule(name, new)
         shape = (new.out_features, new.in_features)

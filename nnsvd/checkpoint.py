@@ -6,9 +6,10 @@ The structure record lets ``load_checkpoint`` rebuild factorized layers before l
 weights. Nothing is ever unpickled. Writes are atomic: a temporary sibling is renamed into
 place, so a crash never leaves a half-written checkpoint behind.
 
-A GPT-2 checkpoint directory (``nnsvd.models.gpt2.save_compressed``) holds ``model.safetensors``,
-``config.json``, ``nnsvd_layers.json``, the tokenizer and, written by the suite, ``nnsvd_meta.json``.
-``checkpoint_info`` tells the two apart from the files alone and reads what a checkpoint is
+A language-model checkpoint directory (``nnsvd.models.hf_checkpoint.save_compressed``) holds
+``model.safetensors``, ``config.json``, ``nnsvd_layers.json``, the tokenizer and, written by the suite,
+``nnsvd_meta.json``: GPT-2 when config.json's model_type is gpt2, any other causal LM otherwise.
+``checkpoint_info`` tells the kinds apart from the files alone and reads what a checkpoint is
 (its layers and the meta: mode, rank, regularizer, method, seed, where it was made) without
 loading its weights.
 """
@@ -35,8 +36,13 @@ from nnsvd.lowrank import layer_records, rebuild_structure
 
 WEIGHTS = "model.safetensors"
 STRUCTURE = "model.json"
-GPT2_CONFIG, GPT2_LAYERS, GPT2_META = "config.json", "nnsvd_layers.json", "nnsvd_meta.json"  # as models.gpt2 writes them
-KINDS = {"mlp": f"an MLP ({STRUCTURE})", "gpt2": f"a GPT-2 ({GPT2_CONFIG} + {GPT2_LAYERS})"}
+# as models.hf_checkpoint writes them
+GPT2_CONFIG, GPT2_LAYERS, GPT2_META = "config.json", "nnsvd_layers.json", "nnsvd_meta.json"
+KINDS = {
+    "mlp": f"an MLP ({STRUCTURE})",
+    "gpt2": f"a GPT-2 ({GPT2_CONFIG} + {GPT2_LAYERS})",
+    "causal_lm": f"a causal LM ({GPT2_CONFIG} + {GPT2_LAYERS})",
+}
 
 
 def read_json(path: Path) -> dict | None:
@@ -134,18 +140,22 @@ class CheckpointInfo:
 
     path: Path  # as given: the directory or its model.safetensors
     directory: Path
-    kind: str  # "mlp" or "gpt2"
+    kind: str  # "mlp", "gpt2" or "causal_lm"
     layers: list[dict]  # the factorized layers: name, shape, rank, form
     meta: dict  # what the suite saved with it (empty for checkpoints from elsewhere)
     choices: dict  # the model/data config choices of the run that made it (from .hydra/hydra.yaml)
 
 
 def checkpoint_kind(directory: Path) -> str | None:
-    """"mlp" or "gpt2" from the files in ``directory``, None when it holds neither."""
+    """"mlp", "gpt2" or "causal_lm" from the files in ``directory``, None when it holds none of them."""
     if (directory / STRUCTURE).is_file():
         return "mlp"
     if (directory / GPT2_CONFIG).is_file() and (directory / GPT2_LAYERS).is_file():
-        return "gpt2"
+        try:
+            model_type = json.loads((directory / GPT2_CONFIG).read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # unreadable: loading it says so
+        return "gpt2" if model_type == "gpt2" else "causal_lm"
     return None
 
 
@@ -160,7 +170,7 @@ def checkpoint_info(path: str | Path) -> CheckpointInfo:
     if kind is None:
         raise CheckpointError(
             f"checkpoint={path} is not a checkpoint written by nn-svd: {directory} needs {WEIGHTS} with "
-            f"{STRUCTURE} (MLP) or with {GPT2_CONFIG} and {GPT2_LAYERS} (GPT-2)"
+            f"{STRUCTURE} (MLP) or with {GPT2_CONFIG} and {GPT2_LAYERS} (GPT-2 or another causal LM)"
         )
     if not (directory / WEIGHTS).is_file():
         raise CheckpointError(f"checkpoint={path} has no {WEIGHTS} in {directory}")

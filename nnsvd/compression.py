@@ -23,11 +23,14 @@ from nnsvd.lowrank import (
     SYMMETRIC,
     CompressionReport,
     collect_statistics,
+    compress_blockwise,
     compress_model,
     compress_with_calibration,
+    decoder_blocks,
     is_data_aware,
     plan_compression,
     resolve_factorizer,
+    targets_by_block,
 )
 from nnsvd.lowrank.allocation import (
     BudgetError,
@@ -92,14 +95,16 @@ def check_size(c: Mapping, flow: str) -> None:
         )
 
 
-def check_compression(c: Mapping, flow: str, model: nn.Module, symmetric: bool) -> int | dict[str, int] | None:
+def check_compression(
+    c: Mapping, flow: str, task, model: nn.Module, targets: list[str], symmetric: bool
+) -> int | dict[str, int] | None:
     """One-line ConfigErrors for compression settings that cannot work, before any data or training.
 
     Returns the ranks known now: the rank, or a uniform allocation's per-layer ranks (which
     mode=scratch needs); None when the allocation reads the trained weights later.
     """
     comp = c["compress"]
-    targets, full = list(c["model"]["targets"]), comp["allow_full_rank"]
+    full = comp["allow_full_rank"]
     check_size(c, flow)
     if comp["ratio"] is None:
         ranks = c["rank"]
@@ -121,6 +126,11 @@ def check_compression(c: Mapping, flow: str, model: nn.Module, symmetric: bool) 
         if comp["allocation"] != "uniform":
             ranks = None
     check_method(c, flow, plan)
+    if flow == "compress" and is_data_aware(comp["method"]) and task.calibrates_by_block:
+        # block by block compresses the layers inside the decoder blocks only: one line otherwise
+        blocks = decoder_blocks(model)
+        targets_by_block([name for name, *_ in plan], blocks, len(model.get_submodule(blocks)))
+    del plan  # it holds the dense target layers: kept, they would outlive their compression
     return ranks
 
 
@@ -154,31 +164,34 @@ def check_method(c: Mapping, flow: str, plan: list) -> None:
 # ------------------------------------------------------------------ the stage
 
 
-def compress(task, model: nn.Module, c: Mapping, symmetric: bool, batches: list | None,
+def compress(task, model: nn.Module, c: Mapping, targets: list[str], symmetric: bool, batches: list | None,
              cache_dir: Path | None) -> tuple[CompressionReport, dict]:
     """Factorize the targets in place; returns the report and the record for results.json.
 
-    Plain methods factorize the weights alone. Data-aware ones calibrate on ``batches``: all at
-    once (one pass over the dense model), or sequentially stage by stage. A ratio is shared out
-    as per-layer ranks first (from the dense model's weights, spectra or measured sensitivity).
+    Plain methods factorize the weights alone. Data-aware ones calibrate on ``batches``: a language
+    model one decoder block at a time (dense, or sequential: each block sees the compressed blocks
+    before it), the MLP all at once or stage by stage. A ratio is shared out as per-layer ranks
+    first, from the dense model's weights, spectra or measured sensitivity; with a data-aware
+    method, the spectrum and sensitivity allocations read every target's statistics at once.
     """
     comp, cal = c["compress"], c["calibration"]
-    targets, full = list(c["model"]["targets"]), comp["allow_full_rank"]
+    full = comp["allow_full_rank"]
     method = factorizer(comp)
     shapes = target_shapes(model, targets)
     data_aware = is_data_aware(comp["method"])
     allocated = comp["ratio"] is not None and comp["allocation"] != "uniform"
     stats = None
-    if data_aware and (not cal["sequential"] or allocated):
+    if data_aware and (allocated or not (cal["sequential"] or task.calibrates_by_block)):
         stats = collect_statistics(model, list(shapes), batches, task.calibration_loss, fisher=wants_fisher(c))
     ranks = allocate(task, model, c, shapes, method, stats, batches, cache_dir)
     if not data_aware:
         report = compress_model(model, targets, ranks, symmetric=symmetric, method=method, allow_full_rank=full)
-    elif cal["sequential"]:
-        del stats
-        report = compress_with_calibration(
+    elif cal["sequential"] or stats is None:
+        stats = None  # the allocation's all-at-once statistics, freed before calibrating again
+        calibrate = compress_blockwise if task.calibrates_by_block else compress_with_calibration
+        report = calibrate(
             model, targets, ranks, batches=batches, loss_fn=task.calibration_loss, method=method,
-            sequential=True, fisher=wants_fisher(c), allow_full_rank=full,
+            sequential=cal["sequential"], fisher=wants_fisher(c), allow_full_rank=full,
         )
     else:
         report = compress_model(model, targets, ranks, method=method, allow_full_rank=full, calibration=stats)
@@ -249,6 +262,8 @@ def record(c: Mapping, report: CompressionReport, batches: list | None, shapes: 
             **{k: cal[k] for k in ("samples", "seq_len", "batch_size", "seed", "split", "sequential")},
             "fisher": wants_fisher(c),
             "tokens": sum(b[0].shape[0] if isinstance(b, tuple | list) else b.numel() for b in batches),
+            "by_block": report.memory_estimate is not None,
+            "memory_estimate_mib": None if report.memory_estimate is None else round(report.memory_estimate / 2**20, 1),
         }
     params = param_summary(model)
     out["budget"] = {

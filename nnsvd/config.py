@@ -70,6 +70,20 @@ class GPT2ModelConfig:
     sample_tokens: int = 30
 
 
+@dataclass
+class CausalLMConfig:
+    """Any Hugging Face causal LM, loaded with AutoModelForCausalLM (``model=causal_lm``)."""
+
+    name: str = "causal_lm"
+    name_or_path: str | None = None  # a Hub name or a local directory written by save_pretrained (required)
+    tokenizer: str | None = None  # null = name_or_path
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (checked with one line; factorization stays float64)
+    trust_remote_code: bool = False  # run a repository's own code: an explicit opt-in, never a default
+    targets: list[str] | None = None  # null = the defaults of the model's config.model_type
+    sample_prompt: str = "The meaning of low-rank compression is"
+    sample_tokens: int = 30
+
+
 DATA_ROOT = "${oc.env:NNSVD_DATA_ROOT,./data}"
 
 
@@ -100,7 +114,7 @@ class RegularizerConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10  # MLP
-    steps: int = 0  # GPT-2
+    steps: int = 0  # language models
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -108,13 +122,13 @@ class TrainConfig:
     grad_clip: float | None = None
     grad_accum: int = 1
     eval_every: int = 0
-    seq_len: int | None = None  # GPT-2 tokens per training sequence; null = the model's n_positions
+    seq_len: int | None = None  # LM tokens per training sequence; null = the model's context length
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 4096
-    max_length: int | None = None  # perplexity window; null = model's n_positions
+    max_length: int | None = None  # perplexity window; null = the model's context length
     stride: int | None = None  # null = max_length (non-overlapping windows)
     max_tokens: int | None = None  # cap the evaluated stream for quick runs
 
@@ -286,14 +300,18 @@ def explicit_model_keys(overrides: Sequence[str]) -> set[str]:
     return {key[len("model."):] for key in keys if key.startswith("model.")}
 
 
-KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny")}  # model options that build each kind
+# The model options that open each kind of checkpoint (the first: the one checkpoint=DIR alone implies),
+# and the model.name values among them: a GPT-2 checkpoint is also a causal LM.
+KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny", "causal_lm"), "causal_lm": ("causal_lm",)}
+KIND_MODELS = {"mlp": ("mlp",), "gpt2": ("gpt2", "causal_lm"), "causal_lm": ("causal_lm",)}
 
 
 def checkpoint_overrides(args: Sequence[str], defaults: Mapping[str, str]) -> list[str]:
     """The ``model=`` (and ``data=``) overrides that ``checkpoint=DIR`` on the command line implies.
 
     run.py adds them before Hydra composes, so ``checkpoint=DIR`` needs nothing else. The kind
-    comes from DIR's files (model.json: MLP; config.json + nnsvd_layers.json: GPT-2). Where DIR
+    comes from DIR's files (model.json: MLP; config.json + nnsvd_layers.json: GPT-2, or any other
+    causal LM by config.json's model_type). Where DIR
     is a run directory, the choices of the run that made it (``.hydra/hydra.yaml``, e.g.
     model=gpt2_tiny with data=text_files) are taken; its data choice also beside a user's own
     model=. Nothing is added for a group the command line sets, for a choice equal to the
@@ -350,6 +368,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="schema/model", name="mlp", node=MLPConfig)
     cs.store(group="schema/model", name="gpt2", node=GPT2ModelConfig)
+    cs.store(group="schema/model", name="causal_lm", node=CausalLMConfig)
     cs.store(group="schema/data", name="mnist", node=MNISTDataConfig)
     cs.store(group="schema/data", name="text", node=TextDataConfig)
     cs.store(group="schema/regularizer", name="regularizer", node=RegularizerConfig)

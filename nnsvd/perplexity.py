@@ -48,14 +48,31 @@ def strided_windows(n: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-def resolve_window(max_length: int | None, stride: int | None, n_positions: int) -> tuple[int, int]:
-    """(max_length, stride) with their defaults (n_positions; max_length) applied and checked."""
+def context_length(config) -> tuple[int, str]:
+    """(the model's context length, the config key it comes from): ``max_position_embeddings``,
+    which GPT-2's config calls ``n_positions``; ``n_ctx`` or ``seq_length`` for configs without it."""
+    aliases = getattr(config, "attribute_map", {})
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, aliases.get(key, key)
+    raise ValueError(
+        f"{type(config).__name__} has no max_position_embeddings or n_positions: the model's context length is unknown"
+    )
+
+
+def resolve_window(
+    max_length: int | None, stride: int | None, n_positions: int, limit: str = "n_positions"
+) -> tuple[int, int]:
+    """(max_length, stride) with their defaults (n_positions; max_length) applied and checked.
+
+    ``n_positions`` is the model's context length; ``limit`` names it in the errors."""
     max_length = n_positions if max_length is None else max_length
     stride = max_length if stride is None else stride
     if not 2 <= max_length <= n_positions:
         raise ConfigError(
             f"eval.max_length={max_length} is out of range: allowed 2 ≤ eval.max_length ≤ {n_positions} "
-            "(the model's n_positions)"
+            f"(the model's {limit})"
         )
     if not 1 <= stride <= max_length:
         raise ConfigError(
@@ -89,10 +106,11 @@ def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
 def _window_nll(model: nn.Module, inputs: Tensor, first_target: int) -> Tensor:
     """Σ over the batch of −log p(x_t | x_<t) for window positions t ≥ first_target.
 
-    Only the hidden states that predict targets go through the (large) output layer.
+    Only the hidden states that predict targets go through the (large) output layer
+    (``logits_to_keep``); the model's own head computes them, softcapping and all.
     """
-    hidden = model.base_model(input_ids=inputs).last_hidden_state[:, first_target - 1 : -1]
-    logits = model.get_output_embeddings()(hidden).float()
+    keep = inputs.shape[1] - first_target + 1  # positions first_target − 1 … last; the last predicts nothing
+    logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1].float()
     targets = inputs[:, first_target:]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
 
@@ -107,18 +125,18 @@ def evaluate_perplexity(
     max_tokens: int | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, float | int]:
-    """{"ppl", "nll", "tokens"} of a causal LM (HF model with base_model / output embeddings) on a 1-D stream.
+    """{"ppl", "nll", "tokens"} of a Hugging Face causal LM on a 1-D token stream.
 
     nll = (1/N)·Σ_t −log p(x_t | window context) over the N scored tokens (token-weighted,
-    not a mean of window means); ppl = exp(nll). max_length defaults to the model's
-    n_positions, stride to max_length (disjoint windows). max_tokens keeps the first
-    max_tokens tokens of the stream. The stream's first token, which has no context, and
+    not a mean of window means); ppl = exp(nll). max_length defaults to the model's context
+    length (max_position_embeddings; n_positions for GPT-2), stride to max_length (disjoint
+    windows). max_tokens keeps the first max_tokens tokens of the stream. The stream's first token, which has no context, and
     (when stride = max_length) the first token of each window are not scored. The ids go
     to ``device`` (default: the model's); the model itself is not moved.
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
-    max_length, stride = resolve_window(max_length, stride, model.config.n_positions)
+    max_length, stride = resolve_window(max_length, stride, *context_length(model.config))
     if batch_size < 1:
         raise ValueError(f"eval.batch_size={batch_size} must be ≥ 1")
     if max_tokens is not None:

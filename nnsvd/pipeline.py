@@ -34,7 +34,7 @@ from nnsvd.checkpoint import (
     write_json_atomic,
 )
 from nnsvd.compression import check_compression, compress, needs_calibration
-from nnsvd.config import KIND_OPTIONS, explicit_model_keys, override_items
+from nnsvd.config import KIND_MODELS, KIND_OPTIONS, explicit_model_keys, override_items
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
@@ -183,7 +183,7 @@ def describe_checkpoint(info: CheckpointInfo) -> dict:
 
 def check_checkpoint_kind(info: CheckpointInfo, model_name: str, choice: str | None) -> None:
     """A model= given with checkpoint= must build the checkpoint's kind of model."""
-    if info.kind != model_name:
+    if model_name not in KIND_MODELS[info.kind]:
         fits = " or ".join(f"model={option}" for option in KIND_OPTIONS[info.kind])
         builds = KINDS.get(model_name, model_name).split(" (")[0]
         raise ConfigError(
@@ -230,10 +230,14 @@ def make_task(c: Mapping, device: torch.device, start: Path):
 
         return ClassificationTask(c, data_root, device, cache_dir)
     if name == "gpt2":
+        from nnsvd.tasks.language_modeling import GPT2Task
+
+        return GPT2Task(c, data_root, device, cache_dir)
+    if name == "causal_lm":
         from nnsvd.tasks.language_modeling import LanguageModelingTask
 
         return LanguageModelingTask(c, data_root, device, cache_dir)
-    raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2")
+    raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2, causal_lm")
 
 
 # ------------------------------------------------------------------ the flows
@@ -340,7 +344,7 @@ def run_experiment(
     """The linear flow. Fills ``results`` in place so a failure keeps what was measured."""
     reg = c["regularizer"]
     alpha, symmetric = float(reg["alpha"]), bool(reg["symmetric"])
-    targets, rank = list(c["model"]["targets"]), c["rank"]
+    rank = c["rank"]
     timing = results["timing"]
     device = resolve_device(c["device"])
     results["device"] = str(device)
@@ -353,8 +357,10 @@ def run_experiment(
     else:
         model = task.build()  # random init (or pretrained): the model trained below
     # Validate targets, ranks and compression settings on the architecture before any data is read or any training.
+    targets: list[str] = []
     if flow in ("compress", "scratch"):
-        rank = check_compression(c, flow, model, symmetric)  # the rank, uniform ranks, or None (allocated later)
+        targets = task.targets(model)  # model.targets, or (causal_lm, null) the model type's defaults
+        rank = check_compression(c, flow, task, model, targets, symmetric)  # the rank, uniform ranks, or None (allocated later)
     task.prepare()  # loads the data: a missing dataset fails here
     batches = None
     if needs_calibration(c, flow):
@@ -384,7 +390,7 @@ def run_experiment(
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
-        report, results["compress"] = compress(task, model, c, symmetric, batches, absolute(c["cache"]["dir"], start))
+        report, results["compress"] = compress(task, model, c, targets, symmetric, batches, absolute(c["cache"]["dir"], start))
         timing["compress_s"] = time.perf_counter() - t
         log.info("compressed %d layers in %.2fs\n%s", len(report.layers), timing["compress_s"], report)
         t = time.perf_counter()

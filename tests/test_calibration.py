@@ -77,9 +77,12 @@ def test_lm_statistics_flatten_tokens_and_handle_conv1d():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=50))
     batches = [torch.randint(0, 50, (3, 10)), torch.randint(0, 50, (2, 10))]
     name = "transformer.h.0.mlp.c_proj"
+    stats = collect_statistics(model, [name, "transformer.h.0.attn.c_attn"], batches, lm_loss, fisher=True)
     seen = []
     handle = model.get_submodule(name).register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
-    stats = collect_statistics(model, [name, "transformer.h.0.attn.c_attn"], batches, lm_loss, fisher=True)
+    with torch.no_grad():
+        for batch in batches:
+            model.eval()(input_ids=batch)
     handle.remove()
     X = torch.cat([x.reshape(-1, 64) for x in seen]).double()
     assert stats[name].tokens == 50 and stats[name].gram.shape == (64, 64)

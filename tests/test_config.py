@@ -39,7 +39,7 @@ def test_defaults_are_the_original_recipe():
 @pytest.mark.parametrize("regularizer", _options("regularizer"))
 def test_every_model_and_regularizer_composes(model, regularizer):
     cfg = _compose(f"model={model}", f"regularizer={regularizer}", "rank=4")
-    assert cfg.model.name == model.split("_")[0] and cfg.regularizer.name == regularizer
+    assert cfg.model.name == {"gpt2_tiny": "gpt2", "gpt2_bytes": "gpt2"}.get(model, model) and cfg.regularizer.name == regularizer
     assert cfg.rank == 4
 
 
@@ -216,13 +216,13 @@ def test_job_dirname_has_no_dangling_separator():
 DEFAULTS = {"model": "mlp", "data": "mnist", "regularizer": "none"}
 
 
-def _checkpoint(where, kind: str, choices: dict | None = None):
+def _checkpoint(where, kind: str, choices: dict | None = None, model_type: str = "gpt2"):
     where.mkdir(parents=True)
-    (where / "model.safetensors").write_bytes(b"")  # only the file names matter here
+    (where / "model.safetensors").write_bytes(b"")  # only the file names (and config.json's model_type) matter here
     if kind == "mlp":
         (where / "model.json").write_text('{"model": {"name": "mlp"}, "layers": [], "meta": {}}')
     else:
-        (where / "config.json").write_text("{}")
+        (where / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
         (where / "nnsvd_layers.json").write_text("[]")
     if choices is not None:
         (where / ".hydra").mkdir()
@@ -248,3 +248,15 @@ def test_checkpoint_implies_its_model_and_data_options(tmp_path):
     assert checkpoint_overrides(["-m", f"checkpoint={tiny},{mlp}"], DEFAULTS) == []
     assert checkpoint_overrides([f"checkpoint={tmp_path / 'missing'}"], DEFAULTS) == []
     assert checkpoint_overrides(["rank=8"], DEFAULTS) == []
+
+
+def test_checkpoint_of_a_causal_lm_implies_model_causal_lm(tmp_path):
+    """Any other model type is a causal-LM checkpoint; a GPT-2 made by model=causal_lm stays causal_lm."""
+    llama = _checkpoint(tmp_path / "llama", "lm", {"model": "causal_lm", "data": "text_files"}, model_type="llama")
+    bare = _checkpoint(tmp_path / "bare", "lm", model_type="opt")
+    gpt2 = _checkpoint(tmp_path / "gpt2", "lm", {"model": "causal_lm", "data": "wikitext2"})
+    assert checkpoint_overrides([f"checkpoint={llama}"], DEFAULTS) == ["model=causal_lm", "data=text_files"]
+    assert checkpoint_overrides([f"checkpoint={bare}"], DEFAULTS) == ["model=causal_lm"]
+    assert checkpoint_overrides([f"checkpoint={gpt2}"], DEFAULTS) == ["model=causal_lm", "data=wikitext2"]
+    assert checkpoint_overrides([f"checkpoint={gpt2}", "model=gpt2"], DEFAULTS) == ["data=wikitext2"]
+    assert checkpoint_overrides([f"checkpoint={llama}", "model=gpt2"], DEFAULTS) == []  # the run refuses it

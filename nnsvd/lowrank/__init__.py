@@ -10,7 +10,9 @@ One module per concept:
 - ``layers``: LowRankLinear (W = A·B), SymmetricLowRankLinear (W = B·Bᵀ), the dense layers they replace;
 - ``factorize``: plain truncated SVD of one matrix (exact, Gram, randomized);
 - ``weighted``: data-aware truncated SVD, Ŵ = L⁻¹·trunc_r(L·W·R)·R⁻¹ (ASVD, whitening, FWSVD);
-- ``calibration``: the input statistics those methods weight by, collected with forward hooks;
+- ``calibration``: the input statistics those methods weight by, collected with forward hooks
+  (one Gram per distinct input), and the Fisher rows, collected with gradient hooks;
+- ``blockwise``: calibrated compression of a decoder-only transformer one block at a time;
 - ``methods``: the methods by name, and ``factorize`` (one method, one weight);
 - ``ranks``: which ranks save parameters;
 - ``allocation``, ``sensitivity``: per-layer ranks under a parameter budget (compress.ratio);
@@ -26,12 +28,23 @@ from nnsvd.lowrank.allocation import (
     target_shapes,
     uniform_ranks,
 )
+from nnsvd.lowrank.blockwise import (
+    BlockInputs,
+    MemoryEstimate,
+    capture_block_inputs,
+    compress_blockwise,
+    decoder_blocks,
+    targets_by_block,
+)
 from nnsvd.lowrank.calibration import (
+    FisherCollector,
     InputStats,
     LayerStats,
     StatsCollector,
+    collect_fisher,
     collect_statistics,
     sequential_stages,
+    shared_input_groups,
     stats_nbytes,
 )
 from nnsvd.lowrank.factorize import (
@@ -95,6 +108,15 @@ __all__ = [
     "spectrum_allocation",
     "target_shapes",
     "uniform_ranks",
+    "BlockInputs",
+    "FisherCollector",
+    "MemoryEstimate",
+    "capture_block_inputs",
+    "collect_fisher",
+    "compress_blockwise",
+    "decoder_blocks",
+    "shared_input_groups",
+    "targets_by_block",
     "DATA_AWARE_METHODS",
     "FACTORIZERS",
     "PLAIN_METHODS",

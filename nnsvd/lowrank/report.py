@@ -27,6 +27,7 @@ class LayerReport:
 @dataclass
 class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
+    memory_estimate: int | None = None  # block-by-block calibration: estimated peak bytes beyond the model
 
     @property
     def params_before(self) -> int:

@@ -10,7 +10,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from nnsvd.lowrank.calibration import LayerStats, LossFn, collect_statistics, sequential_stages
+from nnsvd.lowrank.calibration import (
+    LayerStats,
+    LossFn,
+    collect_statistics,
+    restrict_groups,
+    sequential_stages,
+    shared_input_groups,
+    stats_nbytes,
+)
 from nnsvd.lowrank.factorize import Factorizer, factorize_symmetric
 from nnsvd.lowrank.layers import (
     PLAIN,
@@ -143,22 +151,25 @@ def compress_model(
     factorizer = resolve_factorizer(method)
     name_of_method = method_name(method)
     report = CompressionReport()
-    for name, module, r, form in plan:
+    while plan:  # popped: each replaced layer is freed at once, not when the last one is done
+        name, module, r, form = plan.pop(0)
         start = time.perf_counter()
         W, bias = linear_weight(module)
         out_f, in_f = W.shape
-        new = _new_layer(form, module, r)
         stats = calibration.get(name) if calibration is not None else None
         row = LayerReport(name=name, shape=(out_f, in_f), rank=r, form=form, params_before=_params(module),
-                          params_after=_params(new), method=name_of_method)
+                          params_after=0, method=name_of_method)
         W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
+        # The new layer is made after the factorization: its factors never sit beside that working set.
         if form == SYMMETRIC:
             B, _ = factorize_symmetric(W, r)
+            new = _new_layer(form, module, r)
             new.B.copy_(B)
             fro_error = float(torch.linalg.matrix_norm(W.double() - new.dense_weight().double()))
             row.method = "eigh-psd"
         else:
             f = factorize(W, r, factorizer, **({} if stats is None else {"calibration": stats}))
+            new = _new_layer(form, module, r)
             new.A.copy_(f.A)
             new.B.copy_(f.B)
             fro_error = f.fro_error
@@ -173,6 +184,7 @@ def compress_model(
                 row.rel_data_error = relative_data_error(W.double(), new.dense_weight().double(), stats.gram)
         if bias is not None:
             new.bias.copy_(bias)
+        row.params_after = _params(new)
         model.set_submodule(name, new)
         row.rel_fro_error = fro_error / W_norm if W_norm > 0 else 0.0
         row.time_s = time.perf_counter() - start
@@ -199,15 +211,28 @@ def compress_with_calibration(
     transformer block by block), and each stage is calibrated on the model whose earlier
     stages are already compressed, so its inputs are those it will really see (GPTQ's
     compensating order). The float64 statistics of one stage are freed before the next.
+    Targets that read the same tensor share one Gram (found on the first batch). Each pass
+    runs the whole model; ``compress_blockwise`` does the same work one decoder block at a time.
     """
+    batches = list(batches)
     plan = plan_compression(model, targets, rank, symmetric=False, allow_full_rank=allow_full_rank)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = sorted((name for name, *_ in plan), key=order.__getitem__)  # stages follow the forward order
+    del plan  # it holds the dense layers, which must go as they are replaced
     stages = sequential_stages(names) if sequential else [names]
-    log.info("calibration in %d stage(s) of %s layers", len(stages), "/".join(str(len(st)) for st in stages))
+    was_training = model.training
+    model.eval()
+    groups = shared_input_groups(model, names, lambda: loss_fn(model, batches[0])) if batches else None
+    model.train(was_training)
+    stage_groups = [None if groups is None else restrict_groups(groups, stage) for stage in stages]
+    largest = max(stats_nbytes(model, stage, fisher=fisher, groups=g) for stage, g in zip(stages, stage_groups))
+    log.info(
+        "calibration: %d batches, %d target layers in %d stage(s); statistics take %.1f MB (float64)%s",
+        len(batches), len(names), len(stages), largest / 2**20, " per stage" if sequential else "",
+    )
     report = CompressionReport()
-    for stage in stages:
-        stats = collect_statistics(model, stage, batches, loss_fn, fisher=fisher)
+    for stage, stage_group in zip(stages, stage_groups):
+        stats = collect_statistics(model, stage, batches, loss_fn, fisher=fisher, groups=stage_group)
         report.layers += compress_model(
             model, stage, rank, method=method, allow_full_rank=allow_full_rank, calibration=stats
         ).layers
@@ -226,7 +251,8 @@ def lowrank_from_scratch(
     """Replace target layers by randomly initialized factorized layers (for training from scratch)."""
     plan = plan_compression(model, targets, rank, symmetric, allow_full_rank)
     report = CompressionReport()
-    for name, module, r, form in plan:
+    while plan:  # popped: each replaced layer is freed at once
+        name, module, r, form = plan.pop(0)
         new = _new_layer(form, module, r)
         model.set_submodule(name, new)
         shape = (new.out_features, new.in_features)

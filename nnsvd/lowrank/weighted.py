@@ -110,23 +110,26 @@ def fwsvd(W: Tensor, rank: int, *, calibration: LayerStats) -> Factors:
     return weighted_truncation(W, rank, left=w.left)
 
 
-def damped_cholesky(gram: Tensor, damp: float) -> tuple[Tensor, float, list[str]]:
-    """(C, λ, notes): lower-triangular C with C·Cᵀ = G + λI, λ = damp·mean(diag G).
+def damped_cholesky(gram: Tensor, damp: float, tokens: int = 1) -> tuple[Tensor, float, list[str]]:
+    """(C, λ, notes): lower-triangular C with C·Cᵀ = G/N + λI, λ = damp·mean(diag G/N), N = tokens.
 
     When the factorization fails (G singular at λ = 0, or not numerically positive definite),
     λ is raised tenfold, at most DAMPING_RAISES times (from λ = 0 the first raise is to
-    1e-6·mean(diag G)); each raise is noted (compress_model logs the notes with the layer's
+    1e-6·mean(diag G/N)); each raise is noted (compress_model logs the notes with the layer's
     name). Still failing raises CalibrationError:
     never NaN, never a silent fallback to another method.
+    Memory: one in×in matrix (G/N + λI, freed once factorized) besides G and C.
     """
-    scale = float(gram.diagonal().mean())
+    scale = float((gram.diagonal() / tokens).mean())
     if not scale > 0:
         raise CalibrationError("the layer's calibration inputs are all zero: whitening has nothing to work with")
     lam = damp * scale
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     notes: list[str] = []
     for attempt in range(DAMPING_RAISES + 1):
-        C, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        damped = gram / tokens
+        damped.diagonal().add_(lam)  # + λI in place: no in×in identity
+        C, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0 and bool(torch.isfinite(C).all()):
             return C, lam, notes
         if attempt == DAMPING_RAISES:
@@ -148,7 +151,7 @@ def whiten_weights(W: Tensor, calibration: LayerStats, damp: float = 0.01) -> We
     The Gram is used per token (XᵀX/N), which changes nothing in Ŵ and keeps A and B balanced.
     """
     tokens = max(calibration.tokens, 1)
-    C, lam, notes = damped_cholesky(calibration.gram.to(W) / tokens, damp)
+    C, lam, notes = damped_cholesky(calibration.gram.to(W), damp, tokens)  # λ per token
     return Weights(right=C, damping=lam * tokens, damping_per_token=lam, notes=notes)
 
 

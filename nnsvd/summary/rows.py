@@ -13,7 +13,7 @@ from nnsvd.pipeline import regularizer_label
 from nnsvd.tracking import RESULTS, read_results
 
 # The main metric of each model, and how to show it: (axis label, y scale, number format).
-METRICS = {"mlp": "test_acc", "gpt2": "test_ppl"}
+METRICS = {"mlp": "test_acc", "gpt2": "test_ppl", "causal_lm": "test_ppl"}
 METRIC_STYLES = {
     "test_acc": ("test accuracy", "linear", "{:.4f}"),
     "test_ppl": ("test perplexity", "log", "{:.2f}"),

@@ -66,6 +66,7 @@ class ClassificationTask:
     main_metric = "test_acc"
     higher_is_better = True
     length_key = "epochs"
+    calibrates_by_block = False  # data-aware compression calibrates the whole MLP at once (or l1, then l2)
 
     def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
         self.model_cfg = dict(cfg["model"])
@@ -92,6 +93,9 @@ class ClassificationTask:
 
     def build(self) -> nn.Module:
         return build_mlp(self.model_cfg).to(self.device)
+
+    def targets(self, model: nn.Module) -> list[str]:
+        return list(self.model_cfg["targets"])
 
     def train(
         self, model: nn.Module, train_cfg: Mapping, *, alpha: float, log_fn: Callable[[dict], None], desc: str,

@@ -1,4 +1,9 @@
-"""GPT-2 causal language modeling: build, train, perplexity, sample, save and load."""
+"""Causal language modeling: build, train, perplexity, sample, save and load.
+
+``LanguageModelingTask`` serves any Hugging Face causal LM (``model=causal_lm``); ``GPT2Task``
+is GPT-2 with its own loading (random init from ``model.config``, GPT-2's BPE tokenizer).
+Both calibrate data-aware compression one decoder block at a time.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
 from nnsvd.errors import CheckpointError, ConfigError
 from nnsvd.hub import check_hub
 from nnsvd.lowrank import layer_records
-from nnsvd.models.gpt2 import is_hub_name, load_compressed, load_gpt2, load_tokenizer, save_compressed
-from nnsvd.perplexity import evaluate_perplexity, resolve_window
+from nnsvd.models import causal_lm, gpt2
+from nnsvd.models.hf_checkpoint import save_compressed
+from nnsvd.models.sources import is_hub_name
+from nnsvd.perplexity import context_length, evaluate_perplexity, resolve_window
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.train import TrainResult
 from nnsvd.train_lm import train_causal_lm
@@ -25,17 +32,19 @@ log = logging.getLogger(__name__)
 
 
 class LanguageModelingTask:
-    """GPT-2 on WikiText-2 (or local text files). Main metric: test perplexity (lower is better)."""
+    """A Hugging Face causal LM on WikiText-2 (or local text files). Main metric: test perplexity
+    (lower is better)."""
 
     main_metric = "test_ppl"
     higher_is_better = False
     length_key = "steps"
+    calibrates_by_block = True  # data-aware compression runs one decoder block at a time
 
     def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
         self.model_cfg = cfg["model"]
         self.data_cfg = cfg["data"]
         self.eval_cfg = cfg["eval"]
-        # null = the model's n_positions
+        # null = the model's context length
         self.seq_lens = [(f"{phase}.seq_len", cfg[phase]["seq_len"]) for phase in ("train", "finetune")]
         self.device = device
         self.seed = cfg["seed"]
@@ -43,18 +52,54 @@ class LanguageModelingTask:
         self.tokenizer: PreTrainedTokenizerBase | None = None  # a checkpoint brings its own
         self.ids: dict[str, torch.Tensor] = {}
         self._blocks: dict[int, torch.Tensor] = {}
+        self._check_model_settings()
+
+    # -- what differs between model kinds
+
+    def _check_model_settings(self) -> None:
+        causal_lm.torch_dtype(self.model_cfg["dtype"])  # one line for a bad dtype, before anything loads
+
+    def _model_source(self) -> str:
+        name = self.model_cfg["name_or_path"]
+        if not name:
+            raise ConfigError(
+                "model=causal_lm needs model.name_or_path: a Hub name (e.g. meta-llama/Llama-2-7b-hf) or a local "
+                "directory written by save_pretrained"
+            )
+        return name
+
+    def _tokenizer_source(self) -> str | None:
+        return self.model_cfg["tokenizer"] or self.model_cfg["name_or_path"]
 
     def _hub_sources(self) -> list[str]:
         """What this run would fetch from the Hugging Face Hub."""
-        m, sources = self.model_cfg, []
+        sources = []
         if self.tokenizer is None:  # no checkpoint: the model and tokenizer come from model.*
-            if m["pretrained"] and is_hub_name(m["name_or_path"]):
-                sources.append(f"model '{m['name_or_path']}'")
-            if is_hub_name(m["tokenizer"]):
-                sources.append(f"tokenizer '{m['tokenizer']}'")
+            model, tokenizer = self.model_cfg["name_or_path"], self._tokenizer_source()
+            if model and is_hub_name(model):
+                sources.append(f"model '{model}'")
+            if tokenizer and is_hub_name(tokenizer):
+                sources.append(f"tokenizer '{tokenizer}'")
         if self.data_cfg["name"] == "wikitext2":
             sources.append("dataset WikiText-2")
         return sources
+
+    def _load_model(self) -> nn.Module:
+        m = self.model_cfg
+        return causal_lm.load_causal_lm(self._model_source(), m["dtype"], m["trust_remote_code"])
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return causal_lm.load_causal_tokenizer(self._tokenizer_source(), self.model_cfg["trust_remote_code"])
+
+    def _load_compressed(self, directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+        return causal_lm.load_compressed(directory, device=self.device)
+
+    def targets(self, model: nn.Module) -> list[str]:
+        """model.targets, or (null) the default targets of the model's type."""
+        given = self.model_cfg["targets"]
+        return list(given) if given is not None else causal_lm.default_targets(model)
+
+    # -- the flow
 
     def _check_hub(self) -> None:
         sources = self._hub_sources()
@@ -65,7 +110,7 @@ class LanguageModelingTask:
         """The tokenizer (unless a checkpoint brought one) and the tokenized text splits."""
         self._check_hub()
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.model_cfg["tokenizer"])
+            self.tokenizer = self._load_tokenizer()
         d = self.data_cfg
         splits = load_text_splits(
             d["name"],
@@ -79,21 +124,21 @@ class LanguageModelingTask:
     # -- model
 
     def build(self) -> nn.Module:
-        """The dense model (pretrained or random init); checks lengths against n_positions."""
-        m = self.model_cfg
+        """The dense model; checks the lengths against its context length."""
         self._check_hub()
-        model = load_gpt2(m["name_or_path"], pretrained=m["pretrained"], config=None if m["pretrained"] else m["config"])
-        self._check_lengths(model.config.n_positions)
+        model = self._load_model()
+        self._check_lengths(model)
         return model.to(self.device)
 
-    def _check_lengths(self, n_positions: int) -> None:
-        for key, seq_len in self.seq_lens:
-            if seq_len is not None and not 1 <= seq_len <= n_positions:
+    def _check_lengths(self, model: nn.Module) -> None:
+        limit, key = context_length(model.config)
+        for setting, seq_len in self.seq_lens:
+            if seq_len is not None and not 1 <= seq_len <= limit:
                 raise ConfigError(
-                    f"{key}={seq_len} is out of range: allowed 1 ≤ {key} ≤ {n_positions} (the model's n_positions), "
-                    f"or null for {n_positions}"
+                    f"{setting}={seq_len} is out of range: allowed 1 ≤ {setting} ≤ {limit} (the model's {key}), "
+                    f"or null for {limit}"
                 )
-        resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], n_positions)
+        resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], limit, key)
 
     # -- training and evaluation
 
@@ -127,7 +172,7 @@ class LanguageModelingTask:
         resume_state: dict | None = None,
     ) -> TrainResult:
         t = train_cfg
-        seq_len = t["seq_len"] or model.config.n_positions
+        seq_len = t["seq_len"] or context_length(model.config)[0]
         log.info("%s: %d sequences of %d tokens a step", desc, t["batch_size"] * t["grad_accum"], seq_len)
         out = train_causal_lm(
             model,
@@ -169,12 +214,12 @@ class LanguageModelingTask:
     def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[torch.Tensor]:
         """``cal.samples`` sequences of ``cal.seq_len`` tokens (null: the evaluation window) from the
         training stream (never test), drawn with ``cal.seed``, in batches."""
-        n_positions = model.config.n_positions
-        seq_len = cal["seq_len"] or resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], n_positions)[0]
-        if not 1 <= seq_len <= n_positions:
+        limit, key = context_length(model.config)
+        seq_len = cal["seq_len"] or resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], limit, key)[0]
+        if not 1 <= seq_len <= limit:
             raise ConfigError(
-                f"calibration.seq_len={seq_len} is out of range: allowed 1 ≤ calibration.seq_len ≤ {n_positions} "
-                "(the model's n_positions)"
+                f"calibration.seq_len={seq_len} is out of range: allowed 1 ≤ calibration.seq_len ≤ {limit} "
+                f"(the model's {key})"
             )
         stream = self.ids["train" if cal["split"] == "train" else "validation"]
         blocks = pack_blocks(stream, seq_len)
@@ -183,7 +228,7 @@ class LanguageModelingTask:
 
     @staticmethod
     def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch).loss
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
 
     @torch.inference_mode()
     def sample(self, model: nn.Module) -> str:
@@ -191,12 +236,13 @@ class LanguageModelingTask:
         model.sample_tokens new tokens, and no more than the model's context holds."""
         prompt = self.model_cfg["sample_prompt"]
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-        ids = ids[:, -(model.config.n_positions - 1):]
+        context, _ = context_length(model.config)
+        ids = ids[:, -(context - 1):]
         was_training = model.training
         model.eval()
         out = model.generate(
             ids,
-            max_new_tokens=min(self.model_cfg["sample_tokens"], model.config.n_positions - ids.shape[1]),
+            max_new_tokens=min(self.model_cfg["sample_tokens"], context - ids.shape[1]),
             do_sample=False,
             pad_token_id=self.tokenizer.eos_token_id,
         )
@@ -211,19 +257,19 @@ class LanguageModelingTask:
 
     def load(self, path: str | Path) -> tuple[nn.Module, dict]:
         """A model this run saved (dense cache, interrupted state), used with this run's tokenizer."""
-        model, tokenizer = load_compressed(path, device=self.device)
+        model, _ = self._load_compressed(Path(path))
         if model.config.vocab_size < len(self.tokenizer):
             raise ConfigError(
                 f"checkpoint={path} has vocab_size={model.config.vocab_size} but model.tokenizer has "
                 f"{len(self.tokenizer)} tokens; use the tokenizer saved with it"
             )
-        self._check_lengths(model.config.n_positions)
+        self._check_lengths(model)
         return model, {"layers": layer_records(model)}
 
     def open_checkpoint(self, path: str | Path, explicit: set[str]) -> tuple[nn.Module, dict]:
         """The user's checkpoint=: its config.json, layers and tokenizer are used (no Hub call);
         model.config.* keys given on the command line (``explicit``) must agree with it."""
-        model, tokenizer = load_compressed(Path(path) if Path(path).is_dir() else Path(path).parent, device=self.device)
+        model, tokenizer = self._load_compressed(Path(path) if Path(path).is_dir() else Path(path).parent)
         saved = model.config.to_dict()
         given = self.model_cfg.get("config") or {}
         diff = [
@@ -234,5 +280,37 @@ class LanguageModelingTask:
         if diff:
             raise CheckpointError(f"checkpoint={path} is of another architecture: {', '.join(diff)}")
         self.tokenizer = tokenizer
-        self._check_lengths(model.config.n_positions)
+        self._check_lengths(model)
         return model, {"layers": layer_records(model)}
+
+
+class GPT2Task(LanguageModelingTask):
+    """GPT-2 (``model=gpt2``, ``model=gpt2_tiny``): pretrained from a Hub name or local directory, or a
+    random init from model.config; GPT-2's byte-level BPE tokenizer; model.targets as configured."""
+
+    def _check_model_settings(self) -> None:
+        pass
+
+    def _hub_sources(self) -> list[str]:
+        m, sources = self.model_cfg, []
+        if self.tokenizer is None:  # no checkpoint: the model and tokenizer come from model.*
+            if m["pretrained"] and is_hub_name(m["name_or_path"]):
+                sources.append(f"model '{m['name_or_path']}'")
+            if is_hub_name(m["tokenizer"]):
+                sources.append(f"tokenizer '{m['tokenizer']}'")
+        if self.data_cfg["name"] == "wikitext2":
+            sources.append("dataset WikiText-2")
+        return sources
+
+    def _load_model(self) -> nn.Module:
+        m = self.model_cfg
+        return gpt2.load_gpt2(m["name_or_path"], pretrained=m["pretrained"], config=None if m["pretrained"] else m["config"])
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return gpt2.load_tokenizer(self.model_cfg["tokenizer"])
+
+    def _load_compressed(self, directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+        return gpt2.load_compressed(directory, device=self.device)
+
+    def targets(self, model: nn.Module) -> list[str]:
+        return list(self.model_cfg["targets"])

@@ -1,0 +1,190 @@
+"""Compressed Hugging Face models as directories: written by ``save_compressed``, rebuilt by
+``rebuild_compressed`` without the suite and without unpickling anything::
+
+    config.json                  the model's transformers configuration
+    model.safetensors            the compressed model's state dict (tied tensors stored once)
+    nnsvd_layers.json            [{"name", "shape": [out, in], "rank", "form"}] of each factorized layer
+    nnsvd_buffers.safetensors    the non-persistent buffers (rotary inv_freq, Gemma's embed_scale), when any
+    tokenizer files              whatever tokenizer.save_pretrained writes
+    nnsvd_meta.json              optional: what the model is (mode, rank, regularizer, where it was made)
+
+The rebuild builds the architecture on the meta device (no random init, no memory), swaps in the
+factorized layers, loads the safetensors strictly, restores the buffers and ties the weights.
+Non-persistent buffers are not part of a state dict, so a meta-built model would have none:
+they are stored as they were, which makes a reload exact whatever derived them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+
+from nnsvd.errors import CheckpointError
+from nnsvd.lowrank import layer_records, rebuild_structure
+from nnsvd.models.sources import first_line
+
+WEIGHTS_FILE = "model.safetensors"
+BUFFERS_FILE = "nnsvd_buffers.safetensors"
+CONFIG_FILE = "config.json"
+LAYERS_FILE = "nnsvd_layers.json"
+META_FILE = "nnsvd_meta.json"
+
+
+def _normalized(layers: Sequence[Mapping]) -> list[dict]:
+    return [
+        {"name": s["name"], "shape": [int(d) for d in s["shape"]], "rank": int(s["rank"]), "form": s["form"]}
+        for s in layers
+    ]
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: buffer} of the buffers a state dict leaves out (registered with persistent=False)."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                found[f"{module_name}.{name}" if module_name else name] = buffer
+    return found
+
+
+def save_compressed(
+    model: nn.Module,
+    tokenizer,
+    directory: str | Path,
+    layers: Sequence[Mapping] | None = None,
+    meta: Mapping | None = None,
+) -> Path:
+    """Write a (compressed) Hugging Face model to ``directory`` (created if needed) for rebuild_compressed.
+
+    layers: the per-layer records ({"name", "shape", "rank", "form"}, e.g. from the compression
+    report); read off the model when None, and checked against it when given.
+    meta: JSON-able facts about the model (how it was made), written to nnsvd_meta.json.
+    """
+    records = layer_records(model)
+    if layers is not None and sorted(_normalized(layers), key=str) != sorted(records, key=str):
+        raise ValueError(
+            "layers do not describe the model's factorized layers; pass layers=None to "
+            "read them off the model"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # save_model stores tensors shared by several names (a tied embedding / lm_head) once.
+    save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    buffers = non_persistent_buffers(model)
+    if buffers:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in buffers.items()}, str(directory / BUFFERS_FILE))
+    model.config.save_pretrained(directory)
+    (directory / LAYERS_FILE).write_text(json.dumps(records, indent=1) + "\n")
+    if meta is not None:
+        (directory / META_FILE).write_text(json.dumps(dict(meta), indent=1, default=str) + "\n")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def read_config(directory: Path) -> tuple[dict, list]:
+    """(config.json, nnsvd_layers.json) of a directory written by save_compressed."""
+    if not directory.is_dir():
+        raise CheckpointError(f"compressed checkpoint directory '{directory}' does not exist")
+    for name in (CONFIG_FILE, LAYERS_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"'{directory}' has no {name}: it is not a directory written by save_compressed")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        layers = json.loads((directory / LAYERS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"'{directory}' has an unreadable config or layer file ({first_line(e)})") from e
+    if not isinstance(config, dict) or not isinstance(layers, list):
+        raise CheckpointError(f"'{directory}' has a corrupt config or layer file (not a JSON object and list)")
+    return config, layers
+
+
+def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every name of a shared parameter the tensor stored under one of its names."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        stored = [n for n in names if n in state]
+        if len(names) > 1 and len(stored) == 1:
+            for name in names:
+                state[name] = state[stored[0]]
+
+
+def _mismatch(expected: Mapping[str, tuple], state: Mapping[str, torch.Tensor]) -> str | None:
+    """One line describing missing, unexpected and mis-shaped keys, or None when all match."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    parts = [
+        f"{label} ({len(items)}): {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    return "; ".join(parts) or None
+
+
+def _load(path: Path, device: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=device)
+    except (OSError, safetensors.SafetensorError) as e:
+        raise CheckpointError(f"{path} is unreadable or corrupt ({first_line(e)})") from e
+
+
+def rebuild_compressed(
+    directory: str | Path, build: Callable[[dict], nn.Module], device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The model saved in ``directory`` by save_compressed, in eval mode on ``device``.
+
+    ``build(config_dict)`` constructs the dense architecture; it runs on the meta device, so it
+    allocates nothing. Every stored tensor must fit the rebuilt structure exactly (strict).
+    """
+    directory = Path(directory)
+    config, layers = read_config(directory)
+    with torch.device("meta"):
+        try:
+            model = build(config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory / CONFIG_FILE} describes no model that can be built ({first_line(e)})") from e
+        try:
+            rebuild_structure(model, layers)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory / LAYERS_FILE} does not fit the model of config.json ({first_line(e)})") from e
+    device = str(torch.device(device))
+    state = _load(directory / WEIGHTS_FILE, device)
+    _fill_tied(model, state)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    problem = _mismatch(expected, state)
+    if problem:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} does not match the architecture of config.json and "
+            f"{LAYERS_FILE} (corrupt, or saved from another model): {problem}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    wanted = {k: tuple(v.shape) for k, v in non_persistent_buffers(model).items()}
+    if wanted:
+        if not (directory / BUFFERS_FILE).is_file():
+            raise CheckpointError(f"'{directory}' has no {BUFFERS_FILE}, which holds the model's buffers {sorted(wanted)[:3]}")
+        buffers = _load(directory / BUFFERS_FILE, device)
+        problem = _mismatch(wanted, buffers)
+        if problem:
+            raise CheckpointError(f"{directory / BUFFERS_FILE} does not fit the model: {problem}")
+        for name, value in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"'{directory}' holds no values for {', '.join(left[:3])}")
+    return model.eval()

@@ -99,6 +99,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[a.dtype]).eval()
     build_s = time.perf_counter() - t
     model_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
+    dense_params = sum(x.numel() for x in model.parameters())
     names = find_targets(model, default_targets(model))
     ranks = {}
     for name in names:
@@ -140,7 +141,7 @@ def main() -> None:
                     "torch": torch.__version__, "device": str(device)
                     + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")},
         "model": {"hidden": a.hidden, "intermediate": a.intermediate, "layers": a.layers, "heads": a.heads,
-                  "kv_heads": a.kv_heads, "vocab": a.vocab, "dtype": a.dtype, "params": sum(x.numel() for x in model.parameters()),
+                  "kv_heads": a.kv_heads, "vocab": a.vocab, "dtype": a.dtype, "params": dense_params,
                   "bytes": model_bytes, "build_s": round(build_s, 2)},
         "calibration": {"samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
                         "tokens": a.samples * a.seq_len, "activations_bytes": activations},

@@ -6,6 +6,8 @@ that error by calibration statistics, are in ``nnsvd.lowrank.weighted``.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,6 +89,33 @@ def svd_gram(W: Tensor, rank: int) -> Factors:
     return Factors((W @ V) * inv_root, root[:, None] * V.T, S, _tail(S, rank))
 
 
+@contextlib.contextmanager
+def _seeded_generator(device: torch.device, seed: int):
+    """Seed the one generator that draws on ``device`` for the block, then put its state back.
+
+    torch.manual_seed would also reseed every CUDA device (or queue that reseed until CUDA starts),
+    and torch.random.fork_rng's device handling differs between torch releases; saving and
+    restoring the one state by hand does neither.
+    """
+    if device.type == "cpu":
+        state = torch.get_rng_state()
+        torch.random.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(state)
+        return
+    mod = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else mod.current_device()
+    state = mod.get_rng_state(index)
+    with mod.device(index):
+        mod.manual_seed(seed)
+    try:
+        yield
+    finally:
+        mod.set_rng_state(state, index)
+
+
 def svd_randomized(W: Tensor, rank: int, oversample: int | None = None, niter: int = 4) -> Factors:
     """Randomized truncated SVD (torch.svd_lowrank) with oversampling p = max(r, 10).
 
@@ -96,19 +125,7 @@ def svd_randomized(W: Tensor, rank: int, oversample: int | None = None, niter: i
     """
     p = max(rank, 10) if oversample is None else oversample
     q = min(rank + p, min(W.shape))
-    # Seed (and fork) only the generator the sketch draws from: torch.manual_seed would also
-    # reseed every CUDA device (or queue that reseed until CUDA starts), which fork_rng(devices=[])
-    # does not undo.
-    accel = W.device.type != "cpu"
-    with torch.random.fork_rng(
-        devices=[W.device] if accel else [], device_type=W.device.type if accel else None
-    ):
-        if accel:
-            mod = torch.get_device_module(W.device.type)
-            with mod.device(W.device):
-                mod.manual_seed(0)
-        else:
-            torch.random.default_generator.manual_seed(0)
+    with _seeded_generator(W.device, 0):
         U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
     f = _split_sqrt(U[:, :rank], S[:rank], V[:, :rank])
     f.singular_values = S

@@ -7,7 +7,6 @@ that error by calibration statistics, are in ``nnsvd.lowrank.weighted``.
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 

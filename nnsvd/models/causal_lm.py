@@ -89,6 +89,17 @@ def _remote_code_error(name_or_path: str, error: ValueError) -> ModelLoadError |
     )
 
 
+def _load_error(what: str, name_or_path: str, hint: str, local, error: Exception, message: str) -> ModelLoadError:
+    """The one line for a failed from_pretrained: custom code refused, the Hub unreachable (a Hub
+    name, no local directory), or ``message``."""
+    remote = _remote_code_error(name_or_path, error) if isinstance(error, ValueError) else None
+    if remote is not None:
+        return remote
+    if local is None and isinstance(error, OSError):
+        return hub_error(what, name_or_path, hint, error)
+    return ModelLoadError(message)
+
+
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
     """transformers' "Loading weights" bar off: stderr is for warnings and errors (a line is logged instead)."""
@@ -116,15 +127,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code:
                 source, config=config, dtype=dt, trust_remote_code=trust_remote_code
             )
     except (OSError, ValueError, KeyError) as e:
-        remote = _remote_code_error(name_or_path, e) if isinstance(e, ValueError) else None
-        if remote is not None:
-            raise remote from e
-        if local is None and isinstance(e, OSError):
-            raise hub_error("model", name_or_path, _MODEL_HINT, e) from e
-        raise ModelLoadError(
+        raise _load_error("model", name_or_path, _MODEL_HINT, local, e, (
             f"could not load a causal language model from '{name_or_path}' ({first_line(e)}); it must hold "
             "config.json and the weights as written by save_pretrained, of a model type transformers knows"
-        ) from e
+        )) from e
     params = sum(p.numel() for p in model.parameters())
     log.info("loaded %s: %s, %s parameters in %s, in %.1f s", name_or_path, type(model).__name__,
              f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M", dtype, time.perf_counter() - start)
@@ -145,12 +151,8 @@ def load_causal_tokenizer(name_or_path: str, trust_remote_code: bool = False) ->
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        remote = _remote_code_error(name_or_path, e) if isinstance(e, ValueError) else None
-        if remote is not None:
-            raise remote from e
-        if local is None and isinstance(e, OSError):
-            raise hub_error("tokenizer", name_or_path, _TOKENIZER_HINT, e) from e
-        raise ModelLoadError(f"could not load a tokenizer from '{name_or_path}' ({first_line(e)})") from e
+        raise _load_error("tokenizer", name_or_path, _TOKENIZER_HINT, local, e,
+                          f"could not load a tokenizer from '{name_or_path}' ({first_line(e)})") from e
     if len(tokenizer.get_vocab()) <= 1:  # recent transformers return an empty tokenizer when nothing was found
         raise hub_error("tokenizer", name_or_path, _TOKENIZER_HINT, FileNotFoundError("no vocabulary found"))
     return tokenizer

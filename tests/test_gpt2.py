@@ -65,6 +65,15 @@ def test_random_init_follows_the_seed_and_config():
         load_gpt2("gpt2", pretrained=False, config={"n_layers": 2})
 
 
+def test_dropout_is_configurable_and_off_means_training_is_deterministic_per_input():
+    x = torch.randint(0, 1000, (2, 16))
+    for pdrop, same in ((0.1, False), (0.0, True)):
+        config = {**TINY, "resid_pdrop": pdrop, "embd_pdrop": pdrop, "attn_pdrop": pdrop}
+        model = load_gpt2("ignored", pretrained=False, config=config).train()
+        assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (pdrop,) * 3
+        assert torch.equal(logits(model, x), logits(model, x)) is same
+
+
 def test_targets_are_the_four_conv1d_of_each_block(tiny):
     names = [n for n, m in tiny.named_modules() if isinstance(m, Conv1D)]
     report = compress_model(tiny, GPT2_TARGETS, rank=8)

@@ -81,7 +81,7 @@ def gpt2_config(overrides: Mapping) -> GPT2Config:
     if unknown:
         raise ValueError(
             f"unknown GPT-2 config keys {unknown}; known keys include n_layer, n_embd, n_head, "
-            "n_positions, vocab_size"
+            "n_positions, vocab_size, resid_pdrop, embd_pdrop, attn_pdrop"
         )
     vocab = overrides.get("vocab_size", GPT2Config().vocab_size)
     last = {"bos_token_id": vocab - 1, "eos_token_id": vocab - 1}  # GPT-2's end of text is its last token

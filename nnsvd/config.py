@@ -49,9 +49,9 @@ class GPT2ArchConfig:
     n_head: int = 12
     n_positions: int = 1024
     vocab_size: int = 50257
-    resid_pdrop: float = 0.1  # dropout on the blocks' outputs, the embeddings and the attention
-    embd_pdrop: float = 0.1   # weights in training (GPT2Config's defaults)
-    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1  # training dropout, GPT2Config's defaults: on the blocks' outputs,
+    embd_pdrop: float = 0.1   # on the embeddings,
+    attn_pdrop: float = 0.1   # and on the attention weights
 
 
 @dataclass

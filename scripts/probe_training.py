@@ -11,8 +11,7 @@ how much plain SVD costs depends on how long and how the model was trained.
 
 Usage (everything after the script's own options is passed to run.py):
 
-    NNSVD_DATA_ROOT=../shared/data python scripts/probe_training.py --out outputs/probe.jsonl \\
-        model=gpt2_bytes train.steps=4000
+    NNSVD_DATA_ROOT=../shared/data python scripts/probe_training.py --out outputs/probe.jsonl model=gpt2_bytes
 """
 
 from __future__ import annotations
@@ -33,10 +32,13 @@ def probed(train, ratios: list[float], out: Path, rows: list[dict]):
 
     def train_causal_lm(model, train_blocks, **kw):
         eval_fn, every, steps = kw["eval_fn"], kw["eval_every"], kw["steps"]
+        done = (kw.get("resume_state") or {}).get("step", 0)  # a resumed run goes on from its saved step
+        seen = [done // every if every > 0 else 0]  # validations so far: every eval_every steps, and the last
 
         def eval_with_truncation(m):
             dense = eval_fn(m)
-            row = {"step": min((len(rows) + 1) * every, steps) if every > 0 else steps, "dense": dense}
+            seen[0] += 1
+            row = {"step": min(seen[0] * every, steps) if every > 0 else steps, "dense": dense}
             for ratio in ratios:
                 row[f"svd_{ratio:g}"] = eval_fn(truncated(m, ratio))
             rows.append(row)

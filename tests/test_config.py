@@ -98,6 +98,7 @@ def test_every_gpt2_methods_recipe_composes(recipe):
     assert (cfg.compress.method.value, cfg.compress.allocation.value) == (method, allocation)
     assert cfg.model.tokenizer == "builtin:bytes" and cfg.model.config.vocab_size == 257
     assert cfg.train.weight_decay == 0.0 and cfg.train.steps == 4000
+    assert (cfg.model.config.resid_pdrop, cfg.model.config.embd_pdrop, cfg.model.config.attn_pdrop) == (0.0,) * 3
     cfg = _compose("experiment=gpt2_methods", f"+recipe={recipe}", "compress.ratio=0.4", "model=gpt2")
     assert cfg.model.pretrained is True and cfg.data.name == "wikitext2"
 

@@ -29,6 +29,13 @@ from nnsvd.perplexity import evaluate_perplexity
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
+def byte_stream(data_root: str | Path, split: str, tokens: int | None = None) -> torch.Tensor:
+    """The first ``tokens`` bytes (all: None) of WikiText-2's raw ``wiki.<split>.raw`` as byte ids."""
+    return torch.tensor(
+        list((Path(data_root) / "wikitext-2-raw" / f"wiki.{split}.raw").read_bytes()[:tokens])
+    )
+
+
 def zeroed(model: GPT2LMHeadModel, parts: tuple[str, ...]) -> GPT2LMHeadModel:
     z = copy.deepcopy(model)
     for block in z.transformer.h:
@@ -60,8 +67,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/ablate_blocks.json")
     a = p.parse_args()
     model = GPT2LMHeadModel.from_pretrained(a.dense_dir).eval()
-    raw = (Path(a.data_root) / "wikitext-2-raw" / "wiki.test.raw").read_bytes()[: a.tokens]
-    ids = torch.tensor(list(raw))
+    ids = byte_stream(a.data_root, "test", a.tokens)
 
     def ppl(m: GPT2LMHeadModel) -> float:
         return evaluate_perplexity(m, ids, batch_size=64)["ppl"]

@@ -21,12 +21,15 @@ import copy
 import json
 from pathlib import Path
 
-import torch
+from ablate_blocks import byte_stream
 from transformers import GPT2LMHeadModel
 
 from nnsvd import compress_model
+from nnsvd.calibration_data import draw_samples
+from nnsvd.data.text import pack_blocks
 from nnsvd.lowrank import compress_with_calibration, resolve_factorizer
 from nnsvd.perplexity import evaluate_perplexity
+from nnsvd.tasks.language_modeling import LanguageModelingTask
 
 
 def sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:
@@ -65,15 +68,13 @@ def main() -> None:
     if not jobs:
         raise SystemExit(f"no finished compress.ratio job at ratios {a.ratios} under {a.sweep_dir}")
     dense = GPT2LMHeadModel.from_pretrained(a.dense_dir).eval()
-    wiki = a.data_root / "wikitext-2-raw"
-    test = torch.tensor(list((wiki / "wiki.test.raw").read_bytes()[: a.tokens]))
-    train = torch.tensor(list((wiki / "wiki.train.raw").read_bytes()))
-    blocks = train[: len(train) // 128 * 128].view(-1, 128)
-    picked = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(a.seed))[: a.samples]
+    test = byte_stream(a.data_root, "test", a.tokens)
+    blocks = pack_blocks(byte_stream(a.data_root, "train"), 128)
+    picked = draw_samples(
+        len(blocks), {"samples": a.samples, "seed": a.seed, "split": "train"}, unit="blocks of 128 bytes"
+    )
     batches = list(blocks[picked].split(32))
-
-    def loss_fn(model, batch):
-        return model(input_ids=batch, labels=batch).loss
+    loss_fn = LanguageModelingTask.calibration_loss
 
     def ppl(model) -> float:
         return evaluate_perplexity(model, test, batch_size=64)["ppl"]

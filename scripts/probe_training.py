@@ -4,7 +4,8 @@ run.py runs unchanged (its dense cache, run directory and results are the usual 
 wraps the language-model training loop's evaluation. At each validation during training it adds the
 validation perplexity of the model with every block target truncated by plain SVD to the uniform
 rank of each --ratios value (the truncation of scripts/ablate_blocks.py). One JSON line per
-validation goes to --out, and a table is printed at the end.
+validation goes to --out, and a table is printed at the end. When nothing was probed (the dense model
+came from the cache: add cache.dense=false) it exits 1 with a line saying so; otherwise with run.py's status.
 
 This is how the byte-level testbed's recipe was chosen (README, "GPT-2: the byte-level testbed"):
 how much plain SVD costs depends on how long and how the model was trained.
@@ -67,18 +68,26 @@ def main() -> None:
     lm.train_causal_lm = probed(lm.train_causal_lm, args.ratios, args.out, rows)
     run_py = Path(__file__).resolve().parent.parent / "run.py"
     sys.argv = [str(run_py), *overrides]
+    status = 0
     try:
         runpy.run_path(str(run_py), run_name="__main__")
-    finally:
-        head = (
-            "| step | dense val ppl | " + " | ".join(f"plain SVD, {r:g} removed" for r in args.ratios) + " |"
+    except SystemExit as stop:
+        status = stop.code or 0
+    if not rows:  # nothing was measured: that is no success, whatever run.py did
+        print(
+            f"{Path(sys.argv[0]).name}: error: no training validation was probed (the dense model came from the "
+            "cache, or the run ended before training); add cache.dense=false to train it again",
+            file=sys.stderr,
         )
-        print(head + "\n|" + "---:|" * (2 + len(args.ratios)))
-        for row in rows:
-            cells = [
-                f"{row[f'svd_{r:g}']:.3f} ({row[f'svd_{r:g}'] / row['dense'] - 1:+.1%})" for r in args.ratios
-            ]
-            print(f"| {row['step']} | {row['dense']:.3f} | " + " | ".join(cells) + " |")
+        sys.exit(status or 1)
+    head = "| step | dense val ppl | " + " | ".join(f"plain SVD, {r:g} removed" for r in args.ratios) + " |"
+    print(head + "\n|" + "---:|" * (2 + len(args.ratios)))
+    for row in rows:
+        cells = [
+            f"{row[f'svd_{r:g}']:.3f} ({row[f'svd_{r:g}'] / row['dense'] - 1:+.1%})" for r in args.ratios
+        ]
+        print(f"| {row['step']} | {row['dense']:.3f} | " + " | ".join(cells) + " |")
+    sys.exit(status)
 
 
 if __name__ == "__main__":

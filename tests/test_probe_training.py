@@ -39,3 +39,9 @@ def test_probe_rows_match_the_run_and_the_suites_own_uniform_svd(tmp_path):
     assert len([d for d in (cache / "dense").glob("gpt2-*") if d.is_dir()]) == 1  # the probe's model, not retrained
     assert svd["metrics"]["val_ppl"] == pytest.approx(rows[-1]["svd_0.6"], rel=1e-4)
     assert svd["metrics"]["val_ppl"] > rows[-1]["dense"]
+
+    # again on the cached model: nothing to probe, which is an error that says what to do
+    again = subprocess.run([*cmd[:3], str(tmp_path / "again.jsonl"), *cmd[4:]], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and not (tmp_path / "again.jsonl").exists()
+    assert "no training validation was probed" in again.stderr and "cache.dense=false" in again.stderr

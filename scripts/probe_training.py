@@ -67,6 +67,7 @@ def main() -> None:
     rows: list[dict] = []
     lm.train_causal_lm = probed(lm.train_causal_lm, args.ratios, args.out, rows)
     run_py = Path(__file__).resolve().parent.parent / "run.py"
+    prog = Path(sys.argv[0]).name
     sys.argv = [str(run_py), *overrides]
     status = 0
     try:
@@ -75,7 +76,7 @@ def main() -> None:
         status = stop.code or 0
     if not rows:  # nothing was measured: that is no success, whatever run.py did
         print(
-            f"{Path(sys.argv[0]).name}: error: no training validation was probed (the dense model came from the "
+            f"{prog}: error: no training validation was probed (the dense model came from the "
             "cache, or the run ended before training); add cache.dense=false to train it again",
             file=sys.stderr,
         )

@@ -44,4 +44,5 @@ def test_probe_rows_match_the_run_and_the_suites_own_uniform_svd(tmp_path):
     again = subprocess.run([*cmd[:3], str(tmp_path / "again.jsonl"), *cmd[4:]], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and not (tmp_path / "again.jsonl").exists()
-    assert "no training validation was probed" in again.stderr and "cache.dense=false" in again.stderr
+    assert "probe_training.py: error: no training validation was probed" in again.stderr
+    assert "cache.dense=false" in again.stderr

@@ -77,7 +77,7 @@ def main() -> None:
     if not rows:  # nothing was measured: that is no success, whatever run.py did
         print(
             f"{prog}: error: no training validation was probed (the dense model came from the "
-            "cache, or the run ended before training); add cache.dense=false to train it again",
+            "cache, or the run stopped before its first validation); add cache.dense=false to train it again",
             file=sys.stderr,
         )
         sys.exit(status or 1)

@@ -8,6 +8,7 @@ context it did not have to predict itself. Windows of equal length are batched t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnsvd.errors import ConfigError
+from nnsvd.lowrank.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_tokens: int | None = None,
     device: torch.device | str | None = None,
+    desc: str = "perplexity",
 ) -> dict[str, float | int]:
     """{"ppl", "nll", "tokens"} of a Hugging Face causal LM on a 1-D token stream.
 
@@ -132,7 +137,8 @@ def evaluate_perplexity(
     length (max_position_embeddings; n_positions for GPT-2), stride to max_length (disjoint
     windows). max_tokens keeps the first max_tokens tokens of the stream. The stream's first token, which has no context, and
     (when stride = max_length) the first token of each window are not scored. The ids go
-    to ``device`` (default: the model's); the model itself is not moved.
+    to ``device`` (default: the model's); the model itself is not moved. Progress is logged as
+    ``desc`` (windows done, tokens/s, time left).
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D token stream, got shape {tuple(ids.shape)}")
@@ -153,12 +159,57 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     nll_sum, tokens = 0.0, 0
-    with torch.inference_mode(), _autocast(device):
+    windows = sum(len(batch) for batch in batches)
+    with torch.inference_mode(), _autocast(device), Progress(desc, windows, "windows", log, rate_unit="tokens") as p:
         for batch in batches:
             inputs = torch.stack([ids[w.begin : w.end] for w in batch])
             first = batch[0].first_target
             nll_sum += float(_window_nll(model, inputs, first))
             tokens += inputs.shape[0] * (inputs.shape[1] - first)
+            p.update(len(batch), inputs.numel())
     model.train(was_training)
     nll = nll_sum / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
+
+
+def eval_memory_bytes(config, batch_size: int, max_length: int, dtype_bytes: int) -> int:
+    """Peak memory of one evaluation batch beyond the weights, from the shapes, as an upper estimate:
+
+    - logits: batch·L·vocab in float32, twice (the head's output and cross-entropy's log-softmax),
+      plus the head's own dtype copy when that is not float32;
+    - attention scores: batch·heads·L² in the model's dtype, as an eager (or math-kernel) attention makes them;
+    - the block's activations: batch·L·(4·hidden + 3·intermediate) in the model's dtype.
+    """
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    tokens = batch_size * max_length
+    logits = tokens * config.vocab_size * (8 + (0 if dtype_bytes == 4 else dtype_bytes))
+    scores = batch_size * heads * max_length * max_length * dtype_bytes
+    activations = tokens * (4 * hidden + 3 * inner) * dtype_bytes
+    return logits + scores + activations
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for a new allocation on ``device``: CUDA's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available
+    return None
+
+
+def check_eval_memory(model: nn.Module, batch_size: int, max_length: int, device: torch.device | str) -> None:
+    """One line, before any evaluation, for a window and batch whose estimate does not fit the free memory."""
+    device = torch.device(device)
+    free = free_memory(device)
+    dtype_bytes = next(model.parameters()).element_size()
+    need = eval_memory_bytes(model.config, batch_size, max_length, dtype_bytes)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"eval.batch_size={batch_size} with eval.max_length={max_length} needs about {need / 2**30:.1f} GiB to "
+            f"evaluate (logits over a {model.config.vocab_size}-token vocabulary and attention of {max_length}-token "
+            f"windows), but {device.type} has {free / 2**30:.1f} GiB free: lower eval.batch_size or eval.max_length"
+        )

@@ -7,6 +7,9 @@ cut into equal blocks for training, or score the stream with a sliding window fo
 
 from __future__ import annotations
 
+import logging
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -17,6 +20,20 @@ from transformers import PreTrainedTokenizerBase
 
 from nnsvd import hub
 from nnsvd.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet_datasets():
+    """datasets' bars off (a log file would keep every redraw of them); a line is logged instead."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
 
 SPLITS = ("train", "validation", "test")
 
@@ -41,7 +58,8 @@ def load_text_splits(
     cache = None if cache_dir is None else str(cache_dir)
     if kind == "wikitext2":
         try:
-            return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", cache_dir=cache)
+            with _quiet_datasets():
+                return datasets.load_dataset("wikitext", "wikitext-2-raw-v1", cache_dir=cache)
         except (OSError, ValueError) as e:  # ConnectionError is an OSError
             unreachable = hub.unreachable()
             cause = (
@@ -61,7 +79,8 @@ def load_text_splits(
             if not Path(path).is_file():
                 raise DataLoadError(f"data.{split}_file: no such file: {path}")
         data_files = {split: str(path) for split, path in files.items()}
-        return datasets.load_dataset("text", data_files=data_files, cache_dir=cache, keep_linebreaks=True)
+        with _quiet_datasets():
+            return datasets.load_dataset("text", data_files=data_files, cache_dir=cache, keep_linebreaks=True)
     raise ValueError(f"data kind {kind!r} is unknown; allowed: wikitext2, text_files")
 
 
@@ -85,19 +104,23 @@ def tokenize_splits(
     except where a BPE merge would have crossed a line boundary (as in run_clm).
     """
     streams = {}
+    start = time.perf_counter()
     for split, ds in dsd.items():
-        tokenized = ds.map(
+        with _quiet_datasets():
+            tokenized = ds.map(
             _tokenize_batch,
-            fn_kwargs={"tokenizer": tokenizer},
-            batched=True,
-            batch_size=batch_size,
-            num_proc=num_proc,
-            remove_columns=ds.column_names,
-            desc=f"tokenizing {split}",
-        )
+                fn_kwargs={"tokenizer": tokenizer},
+                batched=True,
+                batch_size=batch_size,
+                num_proc=num_proc,
+                remove_columns=ds.column_names,
+                desc=f"tokenizing {split}",
+            )
         ids = tokenized.with_format("arrow")[:]["input_ids"]
         # a copy: the arrow buffer is read-only (and may be memory-mapped from the cache)
         streams[split] = torch.tensor(pc.list_flatten(ids).to_numpy(zero_copy_only=False), dtype=torch.long)
+    log.info("tokenized in %.1f s (or read from the datasets cache): %s", time.perf_counter() - start,
+             ", ".join(f"{split} {len(ids):,} tokens" for split, ids in streams.items()))
     return streams
 
 

@@ -51,6 +51,7 @@ from nnsvd.lowrank.calibration import (
 )
 from nnsvd.lowrank.factorize import Factorizer
 from nnsvd.lowrank.layers import linear_weight
+from nnsvd.lowrank.progress import Progress
 from nnsvd.lowrank.report import CompressionReport
 from nnsvd.lowrank.surgery import TargetError, compress_model, plan_compression
 
@@ -361,12 +362,14 @@ def compress_blockwise(
                 ", each calibrated on the compressed blocks before it" if sequential else "", estimate.describe(),
             )
             report.memory_estimate = estimate.total
-            for block, block_names, block_groups in zip(layers, per_block, groups):
-                report.layers += _compress_block(
-                    model, block, block_names, block_groups, inputs, ranks, fisher_rows, method=method,
-                    sequential=sequential, allow_full_rank=allow_full_rank,
-                ).layers
-                _release_freed_memory()
+            with Progress("calibrating and compressing", len(layers), "blocks", log, rate_unit="tokens") as p:
+                for block, block_names, block_groups in zip(layers, per_block, groups):
+                    report.layers += _compress_block(
+                        model, block, block_names, block_groups, inputs, ranks, fisher_rows, method=method,
+                        sequential=sequential, allow_full_rank=allow_full_rank,
+                    ).layers
+                    _release_freed_memory()
+                    p.update(1, inputs.tokens())
     finally:
         model.train(was_training)
     return report

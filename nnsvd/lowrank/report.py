@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
+
+SHORT = 12  # reports of at most this many layers are short enough to print whole
 
 
 @dataclass
@@ -54,6 +57,23 @@ class CompressionReport:
             row["shape"] = f"{layer.shape[0]}x{layer.shape[1]}"
             rows.append(row)
         return rows
+
+    def summary(self) -> str:
+        """The whole table for a few layers; for many, one line per layer kind (block indices as ``*``)
+        with its count, ranks and errors."""
+        if len(self.layers) <= SHORT:
+            return str(self)
+        kinds: dict[str, list[LayerReport]] = {}
+        for layer in self.layers:
+            kinds.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", layer.name), []).append(layer)
+        lines = [f"{'layers':<40} {'count':>5} {'ranks':>11} {'rel err':>15}"]
+        for kind, layers in kinds.items():
+            ranks = sorted(layer.rank for layer in layers)
+            errors = sorted(layer.rel_fro_error for layer in layers if layer.rel_fro_error is not None)
+            span = f"{ranks[0]}" if ranks[0] == ranks[-1] else f"{ranks[0]}–{ranks[-1]}"
+            err = "-" if not errors else f"{errors[0]:.3f}–{errors[-1]:.3f}"
+            lines.append(f"{kind:<40} {len(layers):>5} {span:>11} {err:>15}")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         head = f"{'layer':<34} {'shape':>10} {'rank':>5} {'form':>9} {'params':>17} {'rel err':>8}"

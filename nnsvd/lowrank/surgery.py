@@ -30,6 +30,7 @@ from nnsvd.lowrank.layers import (
     linear_weight,
 )
 from nnsvd.lowrank.methods import factorize, method_name, resolve_factorizer
+from nnsvd.lowrank.progress import Progress
 from nnsvd.lowrank.ranks import RankError, validate_rank
 from nnsvd.lowrank.report import CompressionReport, LayerReport
 from nnsvd.lowrank.weighted import relative_data_error
@@ -151,6 +152,7 @@ def compress_model(
     factorizer = resolve_factorizer(method)
     name_of_method = method_name(method)
     report = CompressionReport()
+    progress = Progress("factorizing", len(plan), "layers", log)
     while plan:  # popped: each replaced layer is freed at once, not when the last one is done
         name, module, r, form = plan.pop(0)
         start = time.perf_counter()
@@ -189,6 +191,8 @@ def compress_model(
         row.rel_fro_error = fro_error / W_norm if W_norm > 0 else 0.0
         row.time_s = time.perf_counter() - start
         report.layers.append(row)
+        progress.update()
+    progress.finish()
     return report
 
 

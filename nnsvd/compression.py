@@ -126,12 +126,26 @@ def check_compression(
         if comp["allocation"] != "uniform":
             ranks = None
     check_method(c, flow, plan)
+    check_sensitivity(c, task)
     if flow == "compress" and is_data_aware(comp["method"]) and task.calibrates_by_block:
         # block by block compresses the layers inside the decoder blocks only: one line otherwise
         blocks = decoder_blocks(model)
         targets_by_block([name for name, *_ in plan], blocks, len(model.get_submodule(blocks)))
     del plan  # it holds the dense target layers: kept, they would outlive their compression
     return ranks
+
+
+def check_sensitivity(c: Mapping, task) -> None:
+    """compress.sensitivity_samples and _seq_len: positive, and seq_len for language models only."""
+    comp = c["compress"]
+    for key in ("sensitivity_samples", "sensitivity_seq_len"):
+        if comp[key] is not None and comp[key] < 1:
+            raise ConfigError(f"compress.{key}={comp[key]} must be ≥ 1, or null for all")
+    if comp["sensitivity_seq_len"] is not None and not task.calibrates_by_block:
+        raise ConfigError(
+            f"compress.sensitivity_seq_len={comp['sensitivity_seq_len']} cuts language-model sequences, but this "
+            "model's calibration samples are not sequences; use compress.sensitivity_samples"
+        )
 
 
 def check_method(c: Mapping, flow: str, plan: list) -> None:
@@ -213,8 +227,8 @@ def allocate(task, model: nn.Module, c: Mapping, shapes: Mapping, method, stats,
         measured = sensitivity(task, model, c, shapes, method, stats, batches, cache_dir)
         ranks = sensitivity_allocation(shapes, measured, ratio)
     log.info(
-        "compress.ratio=%g, allocation=%s: ranks %s; %.4f of the target weights removed",
-        ratio, allocation, ", ".join(f"{n}={r}" for n, r in ranks.items()), removed_fraction(shapes, ranks),
+        "compress.ratio=%g, allocation=%s: ranks %d–%d over %d layers; %.4f of the target weights removed",
+        ratio, allocation, min(ranks.values()), max(ranks.values()), len(ranks), removed_fraction(shapes, ranks),
     )
     return ranks
 
@@ -223,6 +237,7 @@ def sensitivity(task, model, c, shapes, method, stats, batches, cache_dir) -> di
     """Measured loss increases per layer and rank, cached per model + calibration data + method,
     so that a sweep over ratios measures once."""
     ratios = [float(r) for r in c["compress"]["sensitivity_ratios"]]
+    batches = measurement_batches(batches, c["compress"]["sensitivity_samples"], c["compress"]["sensitivity_seq_len"])
     path = None
     if cache_dir is not None:
         key = sensitivity_key(model, shapes, batches, c["compress"], ratios)
@@ -236,6 +251,27 @@ def sensitivity(task, model, c, shapes, method, stats, batches, cache_dir) -> di
         write_json_atomic(path, measured)
         log.info("sensitivity measurements cached at %s", path)
     return measured
+
+
+def measurement_batches(batches: list, samples: int | None, seq_len: int | None) -> list:
+    """The calibration batches that sensitivity is measured on: the first ``samples`` samples (all: None),
+    each language-model sequence cut to its first ``seq_len`` tokens (whole: None).
+
+    Every measurement is a forward pass over these, for each target and candidate ratio, so they
+    set the cost of the allocation (the statistics of a data-aware method still use every batch)."""
+    kept, left = [], samples
+    for batch in batches:
+        if left is not None and left <= 0:
+            break
+        if isinstance(batch, tuple | list):
+            batch = tuple(t[:left] for t in batch) if left is not None else batch
+            n = len(batch[0])
+        else:
+            batch = batch[:left, :seq_len] if left is not None else batch[:, :seq_len]
+            n = len(batch)
+        kept.append(batch)
+        left = None if left is None else left - n
+    return kept
 
 
 def sensitivity_key(model: nn.Module, shapes: Mapping, batches: list, comp: Mapping, ratios: list[float]) -> str:
@@ -258,8 +294,10 @@ def record(c: Mapping, report: CompressionReport, batches: list | None, shapes: 
     out = {"method": comp["method"], "options": method_options(comp), "calibration": None}
     if batches is not None:
         cal = c["calibration"]
+        sequences = not isinstance(batches[0], tuple | list)
         out["calibration"] = {
-            **{k: cal[k] for k in ("samples", "seq_len", "batch_size", "seed", "split", "sequential")},
+            **{k: cal[k] for k in ("samples", "batch_size", "seed", "split", "sequential")},
+            "seq_len": batches[0].shape[1] if sequences else None,  # as resolved (null: the evaluation window)
             "fisher": wants_fisher(c),
             "tokens": sum(b[0].shape[0] if isinstance(b, tuple | list) else b.numel() for b in batches),
             "by_block": report.memory_estimate is not None,

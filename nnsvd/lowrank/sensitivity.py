@@ -2,7 +2,9 @@
 
 For each target and each candidate ratio ρ (the fraction of that layer's weights removed), the
 layer alone is factorized at its uniform rank for ρ, the task loss is measured on the
-calibration batches, and the layer is put back. The loss increase over the dense model, made
+calibration batches, and the layer is put back. The layer is factorized once, at the largest of
+its ranks: the methods' factors are ordered by singular value (A = U√Σ, B = √Σ·Vᵀ, weighted or
+not), so the first r columns of A and rows of B are its rank-r truncation. The loss increase over the dense model, made
 monotone with diminishing returns (its lower convex hull in the rank), is the layer's loss curve
 for ``greedy_allocation``, which then picks per-layer ranks that meet the budget and minimize
 the summed increase. Plain PyTorch: no Hydra, no W&B.
@@ -19,6 +21,8 @@ from torch import nn
 from nnsvd.lowrank.allocation import Shape, budget, convex_curve, greedy_allocation, uniform_ranks
 from nnsvd.lowrank.calibration import LossFn
 from nnsvd.lowrank.factorize import Factorizer
+from nnsvd.lowrank.layers import LowRankLinear
+from nnsvd.lowrank.progress import Progress
 from nnsvd.lowrank.surgery import compress_model
 
 log = logging.getLogger(__name__)
@@ -56,19 +60,36 @@ def measure_sensitivity(
     """
     base = mean_loss(model, batches, loss_fn)
     measured: dict[str, dict[int, float]] = {}
+    progress = Progress("measuring sensitivity", len(shapes), "layers", log)
     for name in shapes:
         original = model.get_submodule(name)
+        ranks = sorted({uniform_ranks({name: shapes[name]}, ratio)[name] for ratio in ratios}, reverse=True)
+        context = {} if calibration is None else {"calibration": {name: calibration[name]}}
+        compress_model(model, [name], ranks[0], method=method, **context)
+        top = model.get_submodule(name)
         measured[name] = {}
-        for ratio in ratios:
-            rank = uniform_ranks({name: shapes[name]}, ratio)[name]
-            if rank in measured[name]:
-                continue
-            context = {} if calibration is None else {"calibration": {name: calibration[name]}}
-            compress_model(model, [name], rank, method=method, **context)
+        for rank in ranks:
+            model.set_submodule(name, top if rank == ranks[0] else truncated(top, rank))
             measured[name][rank] = mean_loss(model, batches, loss_fn) - base
-            model.set_submodule(name, original)
-        log.info("sensitivity of %s: %s", name, ", ".join(f"r{r}: {d:+.4f}" for r, d in sorted(measured[name].items())))
+        model.set_submodule(name, original)
+        log.debug("sensitivity of %s: %s", name, ", ".join(f"r{r}: {d:+.4f}" for r, d in sorted(measured[name].items())))
+        progress.update()
+    progress.finish()
     return measured
+
+
+@torch.no_grad()
+def truncated(layer: LowRankLinear, rank: int) -> LowRankLinear:
+    """The rank-r truncation of a factorized layer whose factors are ordered by singular value:
+    A's first r columns and B's first r rows (and the same bias)."""
+    A, B = layer.A, layer.B
+    new = LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None,
+                        device=A.device, dtype=A.dtype)
+    new.A.copy_(A[:, :rank])
+    new.B.copy_(B[:rank])
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias)
+    return new
 
 
 def sensitivity_allocation(

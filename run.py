@@ -7,7 +7,7 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from nnsvd.config import checkpoint_overrides, register_configs
+from nnsvd.config import checkpoint_overrides, register_configs, sweep_record
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -32,6 +32,8 @@ if __name__ == "__main__":
 
     # checkpoint=DIR alone: the model (and data) options follow from DIR, as if given on the command line.
     sys.argv += checkpoint_overrides(sys.argv[1:], primary_choices())
+    # A multirun names its job directories by the swept keys alone: each job learns them from this.
+    sys.argv += sweep_record(sys.argv[1:])
     main()
     # A sweep runs every job even when some fail; its exit status then says so.
     sys.exit(1 if sweep_failed() else 0)

@@ -79,7 +79,9 @@ class CausalLMConfig:
 
     name: str = "causal_lm"
     name_or_path: str | None = None  # a Hub name or a local directory written by save_pretrained (required)
-    tokenizer: str | None = None  # null = name_or_path
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (or name_or_path itself ending in .gguf)
+    fallback: str | None = None  # a Hub name used when the local name_or_path / gguf_file is not there
+    tokenizer: str | None = None  # null = name_or_path (a GGUF file brings its own)
     dtype: str = "float32"  # float32 | bfloat16 | float16 (checked with one line; factorization stays float64)
     trust_remote_code: bool = False  # run a repository's own code: an explicit opt-in, never a default
     targets: list[str] | None = None  # null = the defaults of the model's config.model_type
@@ -134,6 +136,7 @@ class EvalConfig:
     max_length: int | None = None  # perplexity window; null = the model's context length
     stride: int | None = None  # null = max_length (non-overlapping windows)
     max_tokens: int | None = None  # cap the evaluated stream for quick runs
+    validation: bool = True  # also score the validation split (the test split is always scored)
 
 
 class CompressMethod(Enum):
@@ -167,6 +170,8 @@ class CompressConfig:
     allocation: Allocation = Allocation.uniform  # how a ratio is shared out as per-layer ranks
     spectrum_loss: SpectrumLoss = SpectrumLoss.normalized  # allocation=spectrum: the loss it weighs
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    sensitivity_samples: int | None = None  # measure on the first N calibration samples; null = all of them
+    sensitivity_seq_len: int | None = None  # LM: on the first L tokens of each; null = whole sequences
 
 
 @dataclass
@@ -215,6 +220,7 @@ class Config:
     device: str = "auto"  # auto → cuda, then mps, then cpu
     checkpoint: str | None = None
     resume: bool = False
+    save: bool | None = None  # write the model to the run directory; null: yes, except for checkpoint= evaluations
 
 
 # ----------------------------------------------------------------- directory names
@@ -278,15 +284,57 @@ def override_name(overrides: Sequence[str], exclude: Sequence[str] = ()) -> str:
     return f"{kept}_{digest}" if kept else digest
 
 
+SWEPT_ENV = "NNSVD_SWEPT"  # run.py's record of the keys a multirun command line sweeps (hydra.job.env_set)
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def swept_keys(args: Sequence[str]) -> list[str]:
+    """The keys that command-line arguments sweep (``rank=1,2,4``, ``range(…)``, ``glob(…)``), in order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    keys = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports it
+        if override.is_sweep_override() and override.key_or_group not in keys:
+            keys.append(override.key_or_group)
+    return keys
+
+
+def sweep_record(args: Sequence[str]) -> list[str]:
+    """The override that tells every job of a multirun which keys its command line sweeps, so that
+    job directories are named by those alone (``hydra.job.env_set``, which reaches every launcher's job)."""
+    if not any(a in ("-m", "--multirun") for a in args):
+        return []
+    keys = swept_keys(args)
+    return [f"+hydra.job.env_set.{SWEPT_ENV}='{' '.join(keys)}'"] if keys else []
+
+
 def job_dirname(prefix: Any, *, _root_: Any) -> str:
     """``${nnsvd.dirname:PREFIX}``: PREFIX, then the job's overrides as ``override_name`` writes them.
 
     It reads ``hydra.overrides.task`` and ``hydra.job.config.override_dirname.exclude_keys``,
-    as Hydra's ``${hydra.job.override_dirname}`` does. With no overrides the name is PREFIX alone.
+    as Hydra's ``${hydra.job.override_dirname}`` does. In a multirun only the swept keys are named
+    (``hydra.sweeper.params`` and the command line's sweeps), the job number keeping the names
+    unique: ``3_compress.ratio-0.6_recipe-whiten_uniform``. With no overrides the name is PREFIX alone.
     """
-    overrides = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
+    overrides = list(OmegaConf.select(_root_, "hydra.overrides.task", default=None) or [])
     exclude = OmegaConf.select(_root_, "hydra.job.config.override_dirname.exclude_keys", default=None) or []
-    name = override_name(list(overrides), list(exclude))
+    if str(OmegaConf.select(_root_, "hydra.mode", default="")).endswith("MULTIRUN"):
+        params = OmegaConf.select(_root_, "hydra.sweeper.params", default=None) or {}
+        recorded = OmegaConf.select(_root_, f"hydra.job.env_set.{SWEPT_ENV}", default=None) or ""
+        swept = {_key(k) for k in params} | set(str(recorded).split())
+        overrides = [o for o in overrides if _key(o) in swept]
+    name = override_name(overrides, list(exclude))
     return f"{prefix}_{name}" if name else str(prefix)
 
 
@@ -305,7 +353,7 @@ def explicit_model_keys(overrides: Sequence[str]) -> set[str]:
 
 # The model options that open each kind of checkpoint (the first: the one checkpoint=DIR alone implies),
 # and the model.name values among them: a GPT-2 checkpoint is also a causal LM.
-KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny", "causal_lm"), "causal_lm": ("causal_lm",)}
+KIND_OPTIONS = {"mlp": ("mlp",), "gpt2": ("gpt2", "gpt2_tiny", "causal_lm"), "causal_lm": ("causal_lm", "smollm2")}
 KIND_MODELS = {"mlp": ("mlp",), "gpt2": ("gpt2", "causal_lm"), "causal_lm": ("causal_lm",)}
 
 

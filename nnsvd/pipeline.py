@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from nnsvd.checkpoint import (
     KINDS,
@@ -57,6 +58,7 @@ from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_grou
 
 log = logging.getLogger("nnsvd")
 
+LAYERS_TABLE = "layers.txt"  # the per-layer report of a compress run, in its run directory
 STOP = threading.Event()  # set by SIGTERM/SIGINT: training stops at the next boundary
 _received: list[int] = []  # the signals that set it
 
@@ -207,6 +209,26 @@ def read_source(c: Mapping, flow: str, start: Path, model_choice: str | None, re
     return source
 
 
+def inherit_evaluation(c: dict, source: CheckpointInfo | None, overrides: list[str], results: dict) -> None:
+    """checkpoint=RUN_DIR evaluates as the run that made it did: the eval.* settings saved in its
+    .hydra/config.yaml replace this run's, except those given on the command line."""
+    saved = None if source is None else source.directory / ".hydra" / "config.yaml"
+    if saved is None or not saved.is_file():
+        return
+    try:
+        settings = OmegaConf.to_container(OmegaConf.load(saved).get("eval") or {}, resolve=True)
+    except (OSError, ValueError, OmegaConfBaseException) as e:  # unreadable or unresolvable: this run's own stand
+        log.warning("could not read the evaluation settings of %s (%s): using this run's", saved, e)
+        return
+    given = {key.lstrip("+~").split("=", 1)[0] for key in overrides}
+    taken = {k: v for k, v in settings.items() if k in c["eval"] and f"eval.{k}" not in given and c["eval"][k] != v}
+    if taken:
+        c["eval"].update(taken)
+        log.info("evaluating as the run that made the checkpoint did: %s",
+                 " ".join(f"eval.{k}={v}" for k, v in taken.items()))
+    results["eval_from"] = str(saved)
+
+
 def _local_or_name(value: str | None, start: Path) -> str | None:
     """A path that exists relative to the start directory becomes absolute; a Hub name stays."""
     if value is None:
@@ -243,20 +265,24 @@ def make_task(c: Mapping, device: torch.device, start: Path):
 # ------------------------------------------------------------------ the flows
 
 
-def dense_cache_entry(c: Mapping, cache_dir: Path) -> Path:
-    """Cache slot of the dense model trained with this model/data/train config and seed."""
+def dense_cache_entry(c: Mapping, cache_dir: Path, weights: str | None = None) -> Path:
+    """Cache slot of the dense model trained with this model/data/train config and seed; for a
+    model used as it is, ``weights`` (what was loaded) is part of the key too."""
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
     model = {k: v for k, v in c["model"].items() if k not in ("targets", "sample_prompt", "sample_tokens")}
-    key = cache_key({"model": model, "data": data, "train": c["train"], "seed": c["seed"]})
+    parts = {"model": model, "data": data, "train": c["train"], "seed": c["seed"]}
+    key = cache_key(parts if weights is None else {**parts, "weights": weights})
     return cache_dir / "dense" / f"{c['model']['name']}-{key}"
 
 
 def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict, run_dir: Path, fresh):
-    """(the trained dense model, its dense-cache entry or None): from the dense cache, else
-    ``fresh`` (a just-built model) trained now."""
-    if c["train"][task.length_key] == 0:  # nothing to train (e.g. pretrained GPT-2): nothing to cache
+    """(the dense model, its dense-cache entry or None): from the dense cache, else ``fresh`` (a
+    just-built model) trained now. A model with nothing to train (a pretrained one) is used as it
+    is; its entry then holds only its cached evaluations."""
+    if c["train"][task.length_key] == 0:
         results["dense_source"] = "built"
-        return fresh, None
+        entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start), task.weights) if c["cache"]["dense"] else None
+        return fresh, entry
     if not c["cache"]["dense"]:
         results["dense_source"] = "trained"
         return _train_dense(task, fresh, c, tracker, results, run_dir), None
@@ -350,6 +376,7 @@ def run_experiment(
     results["device"] = str(device)
 
     task = make_task(c, device, start)
+    results["weights"] = task.weights
     torch.manual_seed(c["seed"])
     if source is not None:
         model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
@@ -392,7 +419,9 @@ def run_experiment(
         t = time.perf_counter()
         report, results["compress"] = compress(task, model, c, targets, symmetric, batches, absolute(c["cache"]["dir"], start))
         timing["compress_s"] = time.perf_counter() - t
-        log.info("compressed %d layers in %.2fs\n%s", len(report.layers), timing["compress_s"], report)
+        (run_dir / LAYERS_TABLE).write_text(f"{report}\n")
+        log.info("compressed %d layers in %.2fs (every layer: %s)\n%s", len(report.layers), timing["compress_s"],
+                 run_dir / LAYERS_TABLE, report.summary())
         t = time.perf_counter()
         final = task.evaluate(model)
         timing["eval_s"] += time.perf_counter() - t
@@ -415,8 +444,15 @@ def run_experiment(
         results["sample"] = task.sample(model)
         tracker.text("sample", results["sample"])
 
-    results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
+    if should_save(c, flow):
+        results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
     clear_train_state(run_dir)
+
+
+def should_save(c: Mapping, flow: str) -> bool:
+    """save=null writes the model of every run that made one (dense, compress, scratch), not of a
+    checkpoint evaluated as it is (its copy would be the checkpoint again)."""
+    return flow != "evaluate" if c["save"] is None else bool(c["save"])
 
 
 def structure_report(model: torch.nn.Module) -> CompressionReport:
@@ -530,6 +566,8 @@ def run_job(cfg: DictConfig) -> float | None:
         "regularizer": describe_regularizer(c["regularizer"]),
         "seed": c["seed"],
         "from_checkpoint": None,
+        "weights": None,
+        "eval_from": None,
         "overrides": list(hc.overrides.task),
         "metrics": {},
         "params": {},
@@ -550,6 +588,7 @@ def run_job(cfg: DictConfig) -> float | None:
         results["flow"] = flow
         results["mode"] = None if flow == "evaluate" else flow  # evaluate: the checkpoint's, below
         source = read_source(c, flow, start, hc.runtime.choices.get("model"), results)
+        inherit_evaluation(c, source, results["overrides"], results)
         tracker = Tracker(
             mode=c["wandb"]["mode"],
             project=c["wandb"]["project"],

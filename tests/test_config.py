@@ -11,7 +11,15 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from nnsvd.config import NAME_LIMIT, Mode, checkpoint_overrides, job_dirname, override_name, register_configs
+from nnsvd.config import (
+    NAME_LIMIT,
+    Mode,
+    checkpoint_overrides,
+    job_dirname,
+    override_name,
+    register_configs,
+    sweep_record,
+)
 
 register_configs()
 CONF = str(REPO / "conf")
@@ -39,7 +47,7 @@ def test_defaults_are_the_original_recipe():
 @pytest.mark.parametrize("regularizer", _options("regularizer"))
 def test_every_model_and_regularizer_composes(model, regularizer):
     cfg = _compose(f"model={model}", f"regularizer={regularizer}", "rank=4")
-    assert cfg.model.name == {"gpt2_tiny": "gpt2", "gpt2_bytes": "gpt2"}.get(model, model) and cfg.regularizer.name == regularizer
+    assert cfg.model.name == {"gpt2_tiny": "gpt2", "gpt2_bytes": "gpt2", "smollm2": "causal_lm"}.get(model, model) and cfg.regularizer.name == regularizer
     assert cfg.rank == 4
 
 
@@ -52,7 +60,7 @@ def test_every_data_config_composes(data):
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_preset_composes(experiment):
     cfg = _compose(f"experiment={experiment}")
-    assert cfg.model.name in ("mlp", "gpt2")
+    assert cfg.model.name in ("mlp", "gpt2", "causal_lm")
 
 
 def test_gpt2_selects_its_own_data_and_schedule():
@@ -91,7 +99,12 @@ def test_every_mlp_methods_cell_composes(size):
         assert cfg.rank == int(size[1:]) and cfg.compress.ratio is None
 
 
-@pytest.mark.parametrize("recipe", _options("recipe"))
+def _swept(experiment: str, key: str) -> list[str]:
+    params = yaml.safe_load((REPO / "conf" / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    return str(params[key]).split(",")
+
+
+@pytest.mark.parametrize("recipe", _swept("gpt2_methods", "+recipe"))
 def test_every_gpt2_methods_recipe_composes(recipe):
     cfg = _compose("experiment=gpt2_methods", f"+recipe={recipe}", "compress.ratio=0.4")
     method, allocation = recipe.split("_")
@@ -101,6 +114,19 @@ def test_every_gpt2_methods_recipe_composes(recipe):
     assert (cfg.model.config.resid_pdrop, cfg.model.config.embd_pdrop, cfg.model.config.attn_pdrop) == (0.0,) * 3
     cfg = _compose("experiment=gpt2_methods", f"+recipe={recipe}", "compress.ratio=0.4", "model=gpt2")
     assert cfg.model.pretrained is True and cfg.data.name == "wikitext2"
+
+
+@pytest.mark.parametrize("recipe", _swept("smollm2_methods", "+recipe"))
+def test_every_smollm2_methods_recipe_composes_offline(recipe):
+    cfg = _compose("experiment=smollm2_methods", f"+recipe={recipe}", "compress.ratio=0.4", "data.root=/data")
+    method, variant = recipe.split("_")
+    assert cfg.compress.method.value == method and cfg.model.name == "causal_lm" and cfg.data.name == "text_files"
+    assert cfg.calibration.sequential is (variant == "sequential")
+    assert cfg.compress.allocation.value == ("uniform" if variant == "sequential" else variant)
+    assert (cfg.model.name_or_path, cfg.model.gguf_file) == ("/data/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cfg.model.fallback == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (cfg.eval.max_length, cfg.eval.validation) == (2048, False)
+    assert _swept("smollm2_methods", "compress.ratio") == ["0.2", "0.4", "0.6"]
 
 
 def test_method_and_budget_keys_are_validated_by_the_schema():
@@ -211,6 +237,25 @@ def test_job_dirname_has_no_dangling_separator():
     assert job_dirname("12-04-13", _root_=root([])) == "12-04-13"
     assert job_dirname("12-04-13", _root_=root(["wandb.mode=offline"])) == "12-04-13"
     assert job_dirname(3, _root_=root(["rank=8", "regularizer=symmetric"])) == "3_rank-8_regularizer-symmetric"
+
+
+def test_a_multirun_job_is_named_by_its_swept_keys_alone():
+    """The preset's sweeper params and the command line's sweeps name a job; the fixed overrides do not."""
+    args = ["-m", "experiment=smollm2_methods", "calibration.samples=32", "calibration.seq_len=1024",
+            "compress.method=svd,whiten", "eval.max_length=1024"]
+    (record,) = sweep_record(args)
+    assert record == "+hydra.job.env_set.NNSVD_SWEPT='compress.method'"
+    assert sweep_record(args[1:]) == [] and sweep_record(["-m", "rank=8"]) == []
+    root = OmegaConf.create({"hydra": {
+        "mode": "RunMode.MULTIRUN",
+        "overrides": {"task": ["+recipe=whiten_uniform", "compress.ratio=0.2", "calibration.samples=32",
+                               "calibration.seq_len=1024", "compress.method=svd", "eval.max_length=1024"]},
+        "sweeper": {"params": {"+recipe": "svd_uniform,whiten_uniform", "compress.ratio": "0.2,0.4"}},
+        "job": {"env_set": {"NNSVD_SWEPT": "compress.method"},
+                "config": {"override_dirname": {"exclude_keys": EXCLUDE}}}}})
+    name = job_dirname(5, _root_=root)
+    assert name == "5_compress.method-svd_compress.ratio-0.2_recipe-whiten_uniform"
+    assert override_name([f"checkpoint=outputs/multirun/x/{name}"]) == f"checkpoint-{name}"  # unquoted as checkpoint=
 
 
 # ------------------------------------------------------------- checkpoint=DIR alone

@@ -109,7 +109,7 @@ def test_checkpoint_reloads_compressed_model_with_identical_metrics(env, dense_r
     assert [(x["name"], x["rank"], x["form"]) for x in structure["layers"]] == [
         ("l1", 4, "lowrank"), ("l2", 4, "symmetric")]
     assert structure["meta"]["mode"] == "compress" and structure["meta"]["method"] == "auto"
-    proc, r = cli(env, "ckpt_eval", f"checkpoint={src}", "wandb.mode=offline", env={"WANDB_MODE": None})
+    proc, r = cli(env, "ckpt_eval", f"checkpoint={src}", "save=true", "wandb.mode=offline", env={"WANDB_MODE": None})
     assert r["status"] == "ok" and r["dense_source"] == f"checkpoint:{src}"
     assert r["metrics"]["test_acc"] == r8["metrics"]["test_acc"]
     assert r["params"]["total"] == r8["params"]["total"]

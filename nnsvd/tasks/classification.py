@@ -67,12 +67,14 @@ class ClassificationTask:
     higher_is_better = True
     length_key = "epochs"
     calibrates_by_block = False  # data-aware compression calibrates the whole MLP at once (or l1, then l2)
+    weights = None  # where a pretrained model's weights came from (none: the MLP is trained here)
 
     def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
         self.model_cfg = dict(cfg["model"])
         self.data_cfg = cfg["data"]
         self.data_root, self.cache_dir = data_root, cache_dir
         self.eval_batch = cfg["eval"]["batch_size"]
+        self.eval_validation = cfg["eval"]["validation"]
         self.device = device
         self.seed = cfg["seed"]
         self.data: MNISTSplits | None = None
@@ -123,8 +125,10 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module) -> dict:
         d = self.data
         test_acc, test_loss = evaluate_classifier(model, d.test_x, d.test_y, self.eval_batch)
-        val_acc, _ = evaluate_classifier(model, d.val_x, d.val_y, self.eval_batch)
-        return {"test_acc": test_acc, "test_loss": test_loss, "val_acc": val_acc}
+        metrics = {"test_acc": test_acc, "test_loss": test_loss}
+        if self.eval_validation:
+            metrics["val_acc"] = evaluate_classifier(model, d.val_x, d.val_y, self.eval_batch)[0]
+        return metrics
 
     def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
         """``cal.samples`` images of the training data (never test), drawn with ``cal.seed``, in batches."""

@@ -20,10 +20,10 @@ from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
 from nnsvd.errors import CheckpointError, ConfigError
 from nnsvd.hub import check_hub
 from nnsvd.lowrank import layer_records
-from nnsvd.models import causal_lm, gpt2
+from nnsvd.models import causal_lm, gguf, gpt2
 from nnsvd.models.hf_checkpoint import save_compressed
 from nnsvd.models.sources import is_hub_name
-from nnsvd.perplexity import context_length, evaluate_perplexity, resolve_window
+from nnsvd.perplexity import check_eval_memory, context_length, evaluate_perplexity, resolve_window
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.train import TrainResult
 from nnsvd.train_lm import train_causal_lm
@@ -52,12 +52,37 @@ class LanguageModelingTask:
         self.tokenizer: PreTrainedTokenizerBase | None = None  # a checkpoint brings its own
         self.ids: dict[str, torch.Tensor] = {}
         self._blocks: dict[int, torch.Tensor] = {}
+        self._gguf_tokenizer: PreTrainedTokenizerBase | None = None  # read with a GGUF model, for prepare
+        self.gguf: gguf.GGUFSource | None = None
+        self.source: str | None = cfg["model"].get("name_or_path")  # what is loaded: name_or_path, or the fallback
+        self.weights: str | None = None  # which weights a pretrained model has: recorded in results.json
         self._check_model_settings()
 
     # -- what differs between model kinds
 
     def _check_model_settings(self) -> None:
-        causal_lm.torch_dtype(self.model_cfg["dtype"])  # one line for a bad dtype, before anything loads
+        """One line for a bad dtype or an unloadable GGUF file, before anything loads; a missing local
+        GGUF file with model.fallback set falls back to that Hub model."""
+        m = self.model_cfg
+        causal_lm.torch_dtype(m["dtype"])
+        name = m["name_or_path"]
+        if not name:
+            if m["gguf_file"]:
+                raise ConfigError(f"model.gguf_file={m['gguf_file']} needs model.name_or_path: the folder (or Hub "
+                                  "repository) that holds it")
+            return  # _model_source says what is missing when the model is built
+        self.gguf = gguf.split_source(name, m["gguf_file"])
+        if self.gguf is not None and m["fallback"] and not self.gguf.path.expanduser().is_file():
+            log.warning("%s is not there: using model.fallback=%s instead (unquantized, from the Hub or its cache)",
+                        self.gguf.path, m["fallback"])
+            self.weights = f"{m['fallback']} (model.fallback: {self.gguf.path} not found)"
+            self.gguf, self.source = None, m["fallback"]
+            return
+        if self.gguf is not None:
+            gguf.check_gguf(self.gguf)
+            self.weights = f"{self.gguf.path} (GGUF, dequantized to {m['dtype']})"
+        else:
+            self.weights = name
 
     def _model_source(self) -> str:
         name = self.model_cfg["name_or_path"]
@@ -66,19 +91,23 @@ class LanguageModelingTask:
                 "model=causal_lm needs model.name_or_path: a Hub name (e.g. meta-llama/Llama-2-7b-hf) or a local "
                 "directory written by save_pretrained"
             )
-        return name
+        return self.source
 
     def _tokenizer_source(self) -> str | None:
-        return self.model_cfg["tokenizer"] or self.model_cfg["name_or_path"]
+        return self.model_cfg["tokenizer"] or self._model_source()
 
     def _hub_sources(self) -> list[str]:
         """What this run would fetch from the Hugging Face Hub."""
         sources = []
-        if self.tokenizer is None:  # no checkpoint: the model and tokenizer come from model.*
-            model, tokenizer = self.model_cfg["name_or_path"], self._tokenizer_source()
-            if model and is_hub_name(model):
+        if self.tokenizer is None and self.model_cfg["name_or_path"]:  # no checkpoint: the model and tokenizer
+            model = self._model_source()                                 # come from model.*
+            local_gguf = self.gguf is not None and self.gguf.path.expanduser().exists()
+            if self.gguf is not None and not local_gguf:
+                sources.append(f"GGUF file '{self.gguf.file}' of '{self.gguf.folder}'")
+            elif self.gguf is None and is_hub_name(model):
                 sources.append(f"model '{model}'")
-            if tokenizer and is_hub_name(tokenizer):
+            tokenizer = self.model_cfg["tokenizer"] or (None if self.gguf is not None else model)
+            if tokenizer and is_hub_name(tokenizer) and tokenizer != model:
                 sources.append(f"tokenizer '{tokenizer}'")
         if self.data_cfg["name"] == "wikitext2":
             sources.append("dataset WikiText-2")
@@ -86,9 +115,16 @@ class LanguageModelingTask:
 
     def _load_model(self) -> nn.Module:
         m = self.model_cfg
+        if self.gguf is not None:
+            model, self._gguf_tokenizer = causal_lm.load_gguf(self.gguf, m["dtype"], self.cache_dir)
+            return model
         return causal_lm.load_causal_lm(self._model_source(), m["dtype"], m["trust_remote_code"])
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.gguf is not None and not self.model_cfg["tokenizer"]:  # the GGUF file's own
+            if self._gguf_tokenizer is None:
+                self._gguf_tokenizer = causal_lm.load_gguf(self.gguf, self.model_cfg["dtype"], self.cache_dir)[1]
+            return self._gguf_tokenizer
         return causal_lm.load_causal_tokenizer(self._tokenizer_source(), self.model_cfg["trust_remote_code"])
 
     def _load_compressed(self, directory: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -138,7 +174,8 @@ class LanguageModelingTask:
                     f"{setting}={seq_len} is out of range: allowed 1 ≤ {setting} ≤ {limit} (the model's {key}), "
                     f"or null for {limit}"
                 )
-        resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], limit, key)
+        max_length, _ = resolve_window(self.eval_cfg["max_length"], self.eval_cfg["stride"], limit, key)
+        check_eval_memory(model, self.eval_cfg["batch_size"], max_length, self.device)
 
     # -- training and evaluation
 
@@ -157,6 +194,7 @@ class LanguageModelingTask:
             batch_size=e["batch_size"],
             max_tokens=e["max_tokens"],
             device=self.device,
+            desc=f"evaluating {split}",
         )
 
     def train(
@@ -202,14 +240,12 @@ class LanguageModelingTask:
         )
 
     def evaluate(self, model: nn.Module) -> dict:
-        test, val = self._perplexity(model, "test"), self._perplexity(model, "validation")
-        return {
-            "test_ppl": test["ppl"],
-            "test_nll": test["nll"],
-            "test_tokens": test["tokens"],
-            "val_ppl": val["ppl"],
-            "val_tokens": val["tokens"],
-        }
+        test = self._perplexity(model, "test")
+        metrics = {"test_ppl": test["ppl"], "test_nll": test["nll"], "test_tokens": test["tokens"]}
+        if self.eval_cfg["validation"]:
+            val = self._perplexity(model, "validation")
+            metrics.update(val_ppl=val["ppl"], val_tokens=val["tokens"])
+        return metrics
 
     def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[torch.Tensor]:
         """``cal.samples`` sequences of ``cal.seq_len`` tokens (null: the evaluation window) from the
@@ -289,7 +325,8 @@ class GPT2Task(LanguageModelingTask):
     random init from model.config; GPT-2's byte-level BPE tokenizer; model.targets as configured."""
 
     def _check_model_settings(self) -> None:
-        pass
+        m = self.model_cfg
+        self.weights = m["name_or_path"] if m["pretrained"] else None
 
     def _hub_sources(self) -> list[str]:
         m, sources = self.model_cfg, []

@@ -167,9 +167,9 @@ def test_suite_directories_work_unquoted_as_checkpoint(env, dense_run, tmp_path)
     assert after["status"] == "ok" and after["metrics"]["test_acc"] == before["metrics"]["test_acc"]
 
     run_cli([*QUICK, "rank=2,8"], None, multirun=True, **kw)
-    job = _only("outputs/multirun/*/*/1_rank-8_train.epochs-2", tmp_path)
+    job = _only("outputs/multirun/*/*/1_rank-8", tmp_path)
     proc, _ = run_cli([f"checkpoint={job}", "wandb.mode=disabled"], None, **kw)
-    reloaded = _only("outputs/runs/*/*_checkpoint-1_rank-8_train.epochs-2", tmp_path)
+    reloaded = _only("outputs/runs/*/*_checkpoint-1_rank-8", tmp_path)
     assert json.loads((reloaded / "results.json").read_text())["metrics"]["test_acc"] == json.loads(
         (job / "results.json").read_text())["metrics"]["test_acc"]
 

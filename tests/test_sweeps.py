@@ -47,7 +47,7 @@ def test_two_rank_sweep_writes_summary_and_wandb_group(data_root, tmp_path, laun
     rows = _assert_summary(sweep, 2)
     assert [(r["rank"], r["status"], r["mode"]) for r in rows] == [("2", "ok", "compress"), ("4", "ok", "compress")]
     results = _results(sweep)
-    assert sorted(results) == ["0_rank-2_train.epochs-1", "1_rank-4_train.epochs-1"]  # readable job dirs
+    assert sorted(results) == ["0_rank-2", "1_rank-4"]  # readable job dirs: the swept key alone
     for row, r in zip(rows, results.values()):
         assert float(row["value"]) == r["metrics"]["test_acc"]
         assert float(row["dense_value"]) == r["metrics"]["dense_test_acc"]
@@ -76,7 +76,7 @@ def test_failing_job_does_not_stop_the_sweep(data_root, tmp_path):
     assert proc.returncode != 0  # once all jobs are done, the sweep says one failed
     results = _results(sweep)
     assert [r["status"] for r in results.values()] == ["failed", "ok"]
-    failed = results["0_rank-32_train.epochs-1"]
+    failed = results["0_rank-32"]
     assert "allowed 1 ≤ rank ≤ 31" in failed["error"]
     rows = _assert_summary(sweep, 2)
     assert [r["status"] for r in rows] == ["failed", "ok"] and "31" in rows[0]["error"]
@@ -89,7 +89,7 @@ def test_resume_after_kill_recomputes_nothing_that_finished(data_root, tmp_path)
            "wandb.mode=disabled"]
     env = {**os.environ, "NNSVD_DATA_ROOT": str(data_root), "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = sweep / "0_rank-1_train.epochs-1" / "results.json"
+    first = sweep / "0_rank-1" / "results.json"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -105,7 +105,7 @@ def test_resume_after_kill_recomputes_nothing_that_finished(data_root, tmp_path)
     for name, (mtime, content) in done.items():  # untouched: not recomputed
         path = sweep / name / "results.json"
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content
-    assert "already finished ok; skipping" in (sweep / "0_rank-1_train.epochs-1" / "run.log").read_text()
+    assert "already finished ok; skipping" in (sweep / "0_rank-1" / "run.log").read_text()
     assert len(_assert_summary(sweep, 3)) == 3
 
 

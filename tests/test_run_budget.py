@@ -56,7 +56,7 @@ def test_spectrum_allocation_is_not_uniform_and_reloads_to_identical_outputs(env
     ranks = r["compress"]["budget"]["ranks"]
     assert ranks != {"l1": 11, "l2": 6}  # not the uniform shares
     src = env["base"] / "spectrum_reload_src"
-    _, again = cli(env, "spectrum_reload", f"checkpoint={src}")
+    _, again = cli(env, "spectrum_reload", f"checkpoint={src}", "save=true")
     assert again["status"] == "ok" and again["metrics"]["test_acc"] == r["metrics"]["test_acc"]
     assert {layer["name"]: layer["rank"] for layer in again["layers"]} == ranks
     a, b = load_file(str(src / "model.safetensors")), load_file(str(env["base"] / "spectrum_reload" / "model.safetensors"))

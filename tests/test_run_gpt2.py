@@ -122,7 +122,9 @@ def test_checkpoint_alone_reloads_a_gpt2_run_directory(env, compressed, tmp_path
     assert alone["status"] == "ok" and {"model=gpt2_tiny", "data=text_files"} <= set(alone["overrides"])
     assert (alone["model"], alone["mode"], alone["rank"]) == ("gpt2", "compress", 4)
     assert alone["params"]["total"] == r["params"]["total"]
-    assert alone["metrics"]["test_tokens"] > 512  # its own eval settings: every test token, windows of 64
+    # the evaluation settings of the run that made it (not the preset's: every test token, windows of 64)
+    assert alone["metrics"]["test_tokens"] == r["metrics"]["test_tokens"] and alone["eval_from"].endswith("config.yaml")
+    assert alone["metrics"]["test_ppl"] == r["metrics"]["test_ppl"]
 
     # model=gpt2 (pretrained from the Hub by default) takes the directory's tokenizer and config
     _, pretrained = run_cli([f"checkpoint={src}", "model=gpt2", "eval.max_length=32", "eval.stride=32",
@@ -189,7 +191,7 @@ def test_data_aware_methods_calibrate_on_the_train_stream(env, method, extra):
     assert r["status"] == "ok"
     cal = r["compress"]["calibration"]
     assert r["compress"]["method"] == method and cal["split"] == "train"
-    assert cal["seq_len"] is None and cal["tokens"] == 6 * 32  # null seq_len: the eval window (eval.max_length)
+    assert cal["seq_len"] == 32 and cal["tokens"] == 6 * 32  # null resolved to the eval window (eval.max_length)
     assert len(r["layers"]) == (8 if extra else 4)
     for layer in r["layers"]:
         assert layer["calib_tokens"] == 6 * 32 and 0 < layer["rel_data_error"] < 1

@@ -291,20 +291,28 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def swept_keys(args: Sequence[str]) -> list[str]:
-    """The keys that command-line arguments sweep (``rank=1,2,4``, ``range(…)``, ``glob(…)``), in order."""
+def parsed_overrides(args: Sequence[str]) -> list:
+    """The command line's ``key=value`` arguments as Hydra Overrides; flags, and arguments Hydra
+    cannot parse (it reports those itself), are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
-    keys = []
+    parsed = []
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
             continue
         try:
-            override = parser.parse_override(arg)
+            parsed.append(parser.parse_override(arg))
         except HydraException:
-            continue  # Hydra reports it
+            continue
+    return parsed
+
+
+def swept_keys(args: Sequence[str]) -> list[str]:
+    """The keys that command-line arguments sweep (``rank=1,2,4``, ``range(…)``, ``glob(…)``), in order."""
+    keys = []
+    for override in parsed_overrides(args):
         if override.is_sweep_override() and override.key_or_group not in keys:
             keys.append(override.key_or_group)
     return keys
@@ -370,21 +378,9 @@ def checkpoint_overrides(args: Sequence[str], defaults: Mapping[str, str]) -> li
     then fails with its own message). A sweep over several directories gets the choices they
     share. A ``model=`` that does not fit DIR is refused by the run itself, in one line naming both.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     from nnsvd.checkpoint import CheckpointError, checkpoint_info
 
-    parser = OverridesParser.create()
-    given: dict[str, Any] = {}
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except HydraException:
-            continue  # Hydra reports it
-        given[override.key_or_group] = override
+    given: dict[str, Any] = {override.key_or_group: override for override in parsed_overrides(args)}
     if "checkpoint" not in given:
         return []
     ckpt = given["checkpoint"]

@@ -420,3 +420,71 @@ def register_configs() -> None:
     cs.store(group="schema/data", name="text", node=TextDataConfig)
     cs.store(group="schema/regularizer", name="regularizer", node=RegularizerConfig)
     OmegaConf.register_new_resolver("nnsvd.dirname", job_dirname, replace=True)
+
+
+# ------------------------------------------------------------- keys the schema does not know
+
+
+def schema_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a composed config, e.g. ``compress.ratio``."""
+    keys = []
+    for key in node.keys() if OmegaConf.is_dict(node) else ():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child):
+            keys.extend(schema_keys(child, f"{path}."))
+    return keys
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys that a structured section of ``node`` holds but its dataclass does not declare:
+    what ``+key=value`` (or ``++key=value``) adds past the schema. Sections typed ``dict`` or ``Any``
+    take any key and are not looked into."""
+    from dataclasses import fields, is_dataclass
+
+    kind = OmegaConf.get_type(node)
+    if not is_dataclass(kind):
+        return []
+    declared = {f.name for f in fields(kind)}
+    found = []
+    for key in node:
+        path = f"{prefix}{key}"
+        if key not in declared:
+            found.append(path)
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child):
+            found.extend(unknown_keys(child, f"{path}."))
+    return found
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Refuse, in one line, a key that no schema declares, naming the nearest known keys.
+
+    Hydra refuses ``rnak=8`` and suggests ``+rnak=8``, which it then accepts: the key would be
+    silently ignored and the run would finish as if it had not been given."""
+    import difflib
+
+    from nnsvd.errors import ConfigError
+
+    unknown = unknown_keys(cfg)
+    if not unknown:
+        return
+    known = [k for k in schema_keys(cfg) if k not in unknown and not any(k.startswith(f"{u}.") for u in unknown)]
+    parts = []
+    for key in unknown:
+        by_leaf: dict[str, list[str]] = {}
+        for k in known:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        nearest = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        for leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
+            nearest += [k for k in by_leaf[leaf] if k not in nearest]
+        hint = f"nearest known keys: {', '.join(nearest[:3])}" if nearest else "no known key is close"
+        parts.append(f"'{key}' ({hint})")
+    section = unknown[0].rpartition(".")[0]
+    listed = sorted(k.rsplit(".", 1)[-1] for k in known if k.rpartition(".")[0] == section)
+    raise ConfigError(
+        f"unknown config key {'; '.join(parts)}: the schema declares no such key, so a run would ignore it. "
+        f"Known keys {'of ' + section if section else 'at the top level'}: {', '.join(listed)}"
+    )

@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from nnsvd.checkpoint import (
     write_json_atomic,
 )
 from nnsvd.compression import check_compression, compress, needs_calibration
-from nnsvd.config import KIND_MODELS, KIND_OPTIONS, explicit_model_keys, override_items
+from nnsvd.config import KIND_MODELS, KIND_OPTIONS, check_known_keys, explicit_model_keys, override_items
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
@@ -54,6 +55,7 @@ from nnsvd.lowrank import (
     lowrank_from_scratch,
 )
 from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
+from nnsvd.threads import set_job_threads
 from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
 
 log = logging.getLogger("nnsvd")
@@ -61,10 +63,34 @@ log = logging.getLogger("nnsvd")
 LAYERS_TABLE = "layers.txt"  # the per-layer report of a compress run, in its run directory
 STOP = threading.Event()  # set by SIGTERM/SIGINT: training stops at the next boundary
 _received: list[int] = []  # the signals that set it
+_phase = ["recording"]  # what the job is doing now (``doing``): says how a signal stops it
+_DEFERRED = ("training", "saving", "recording")  # phases a signal lets finish (training: to its next boundary)
+_finished: dict = {}  # the last training phase that ran to its end: kept if a later phase is interrupted
 
 
 class Interrupted(Exception):
-    """Training was stopped by a signal; its state is saved for resume=true."""
+    """A signal stopped the job: training with its state saved, any other phase at once."""
+
+
+@contextmanager
+def doing(name: str):
+    """Mark the job's current phase (``evaluating the dense model``, ``training (dense)``, …): a
+    SIGTERM or Ctrl-C during training stops at the next epoch or step and saves the state; during
+    any other phase but saving it stops the job at once, and the message names the phase."""
+    previous = _phase[0]
+    _phase[0] = name
+    try:
+        if STOP.is_set() and not name.startswith(_DEFERRED):
+            _stop_now(name)  # a signal that came while saving or training wrapped up
+        yield
+    finally:
+        _phase[0] = previous
+
+
+def _stop_now(phase: str) -> None:
+    names = " and ".join(dict.fromkeys(signal.Signals(s).name for s in _received)) or "a signal"
+    raise Interrupted(f"{names} received while {phase}: stopped there, nothing recorded as done. "
+                      f"Run the same command with resume=true to redo it (a trained model is not trained again)")
 
 
 # ------------------------------------------------------------------- settings
@@ -296,8 +322,10 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
         model = _train_dense(task, fresh, c, tracker, results, run_dir)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
         meta = {"model": c["model"]["name"], "mode": "dense", "rank": None, "seed": c["seed"], "train": c["train"]}
-        task.save(model, tmp, meta=meta)
-        os.replace(tmp, entry)
+        with doing("saving the dense model to the cache"):
+            task.save(model, tmp, meta=meta)
+            os.replace(tmp, entry)
+        _finished.clear()  # the cache holds it: an interrupted later phase need not keep a copy
         results["dense_source"] = f"trained, cached at {entry}"
         log.info("dense model trained and cached at %s", entry)
         return model, entry
@@ -337,15 +365,23 @@ def train_phase(
     resume_state = None
     if saved is not None:
         model, resume_state = saved
+        if resume_state.get("finished"):
+            log.info("resume: %s training had finished before the stop; its model is loaded from %s", phase, run_dir)
+            results["history"][phase] = resume_state["history"]
+            _finished.update(phase=phase, model=model, save=task.save, history=resume_state["history"])
+            return model
         done = resume_state.get("epoch", resume_state.get("step"))
         log.info("resuming %s training after %s %d from %s", phase, task.length_key, done, run_dir)
     lr_key = "finetune.lr" if phase == "finetune" else "train.lr"
-    out = task.train(
-        model, train_cfg, alpha=alpha, log_fn=_logger(tracker, phase), desc=phase, lr_key=lr_key,
-        should_stop=STOP.is_set, resume_state=resume_state,
-    )
+    with doing(f"training ({phase})"):
+        out = task.train(
+            model, train_cfg, alpha=alpha, log_fn=_logger(tracker, phase), desc=phase, lr_key=lr_key,
+            should_stop=STOP.is_set, resume_state=resume_state,
+        )
     results["timing"]["train_s"] += out.train_s
     results["history"][phase] = out.history
+    if not out.interrupted:
+        _finished.update(phase=phase, model=model, save=task.save, history=out.history)
     if out.interrupted:
         where = save_train_state(run_dir, phase, model, task.save, out.resume_state)
         raise Interrupted(
@@ -378,20 +414,22 @@ def run_experiment(
     task = make_task(c, device, start)
     results["weights"] = task.weights
     torch.manual_seed(c["seed"])
-    if source is not None:
-        model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
-        results["dense_source"] = f"checkpoint:{source.path}"
-    else:
-        model = task.build()  # random init (or pretrained): the model trained below
+    with doing("loading the model"):
+        if source is not None:
+            model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
+            results["dense_source"] = f"checkpoint:{source.path}"
+        else:
+            model = task.build()  # random init (or pretrained): the model trained below
     # Validate targets, ranks and compression settings on the architecture before any data is read or any training.
     targets: list[str] = []
     if flow in ("compress", "scratch"):
         targets = task.targets(model)  # model.targets, or (causal_lm, null) the model type's defaults
         rank = check_compression(c, flow, task, model, targets, symmetric)  # the rank, uniform ranks, or None (allocated later)
-    task.prepare()  # loads the data: a missing dataset fails here
-    batches = None
-    if needs_calibration(c, flow):
-        batches = task.calibration_batches(c["calibration"], model)  # drawn now: a bad setting fails before training
+    with doing("reading the data"):
+        task.prepare()  # loads the data: a missing dataset fails here
+        batches = None
+        if needs_calibration(c, flow):
+            batches = task.calibration_batches(c["calibration"], model)  # drawn now: a bad setting fails before training
     if flow == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
@@ -410,30 +448,36 @@ def run_experiment(
         model, entry = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
 
     t = time.perf_counter()
-    final = evaluate_dense(task, model, c, entry, device) if flow in ("dense", "compress") else task.evaluate(model)
+    with doing("evaluating the dense model" if flow in ("dense", "compress") else f"evaluating the {flow} model"):
+        final = evaluate_dense(task, model, c, entry, device) if flow in ("dense", "compress") else task.evaluate(model)
     timing["eval_s"] += time.perf_counter() - t
 
     if flow == "compress":
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
         t = time.perf_counter()
-        report, results["compress"] = compress(task, model, c, targets, symmetric, batches, absolute(c["cache"]["dir"], start))
+        with doing("calibrating and compressing"):
+            report, results["compress"] = compress(task, model, c, targets, symmetric, batches,
+                                                   absolute(c["cache"]["dir"], start))
         timing["compress_s"] = time.perf_counter() - t
         (run_dir / LAYERS_TABLE).write_text(f"{report}\n")
         log.info("compressed %d layers in %.2fs (every layer: %s)\n%s", len(report.layers), timing["compress_s"],
                  run_dir / LAYERS_TABLE, report.summary())
         t = time.perf_counter()
-        final = task.evaluate(model)
+        with doing("evaluating the compressed model"):
+            final = task.evaluate(model)
         timing["eval_s"] += time.perf_counter() - t
         metrics.update({f"compressed_{k}": v for k, v in final.items()})
         if c["finetune"][task.length_key] > 0:
             model = train_phase(task, model, "finetune", c["finetune"], alpha, tracker, results, run_dir, c["resume"])
             t = time.perf_counter()
-            final = task.evaluate(model)
+            with doing("evaluating the fine-tuned model"):
+                final = task.evaluate(model)
             timing["eval_s"] += time.perf_counter() - t
             metrics.update({f"finetuned_{k}": v for k, v in final.items()})
         if dense is not None:
-            results["bound"] = task.bound(dense, model)
+            with doing("checking the error bound"):
+                results["bound"] = task.bound(dense, model)
         del dense
 
     metrics.update(final)
@@ -441,11 +485,13 @@ def run_experiment(
     if report is not None:
         results["layers"] = report.to_rows()
     if hasattr(task, "sample"):
-        results["sample"] = task.sample(model)
+        with doing("generating the sample"):
+            results["sample"] = task.sample(model)
         tracker.text("sample", results["sample"])
 
     if should_save(c, flow):
-        results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
+        with doing("saving the model"):
+            results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
     clear_train_state(run_dir)
 
 
@@ -494,16 +540,24 @@ def _install_stop_handlers():
     restores the previous handlers."""
     STOP.clear()
     _received.clear()
+    _finished.clear()
+    _phase[0] = "recording"
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def request_stop(signum, frame):
         if STOP.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        log.warning("%s received: stopping at the next epoch boundary and saving the state",
-                    signal.Signals(signum).name)
         _received.append(signum)
         STOP.set()
+        name, phase = signal.Signals(signum).name, _phase[0]
+        if phase.startswith("training"):
+            log.warning("%s received while %s: stopping at the next epoch or step and saving the state", name, phase)
+        elif phase.startswith(_DEFERRED):
+            log.warning("%s received while %s: stopping once that is done", name, phase)
+        else:
+            log.warning("%s received while %s: stopping now", name, phase)
+            _stop_now(phase)
 
     signals = [signal.SIGTERM, signal.SIGINT]
     if (usr := requeue_signal()) is not None:
@@ -515,6 +569,16 @@ def _install_stop_handlers():
             signal.signal(sig, handler)
 
     return restore
+
+
+def keep_finished_training(run_dir: Path) -> None:
+    """A phase after training was interrupted: save the trained model in the run directory, so
+    that resume=true redoes only that phase (a dense model in the dense cache needs nothing)."""
+    if not _finished or has_train_state(run_dir):
+        return
+    state = {"finished": True, "history": _finished["history"]}
+    where = save_train_state(run_dir, _finished["phase"], _finished["model"], _finished["save"], state)
+    log.info("the %s training had finished: its model is kept in %s for resume=true", _finished["phase"], where)
 
 
 def default_group(hc, multirun: bool) -> str:
@@ -540,6 +604,7 @@ def run_job(cfg: DictConfig) -> float | None:
     start = Path(hc.runtime.cwd)
     multirun = hc.mode == RunMode.MULTIRUN
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    set_job_threads(OmegaConf.to_container(hc.launcher), multirun)  # parallel jobs share the cores
 
     if restart_count() and not c["resume"]:
         # SLURM ran this job before, in this job dir: never start over what it saved.
@@ -584,6 +649,8 @@ def run_job(cfg: DictConfig) -> float | None:
     ok = False
     restore = _install_stop_handlers()
     try:
+        _phase[0] = "starting"
+        check_known_keys(cfg)  # +rnak=8 would otherwise be ignored
         flow = resolve_mode(c)
         results["flow"] = flow
         results["mode"] = None if flow == "evaluate" else flow  # evaluate: the checkpoint's, below
@@ -607,6 +674,7 @@ def run_job(cfg: DictConfig) -> float | None:
         results["status"], results["error"] = "failed", str(exc)
     except Interrupted as exc:
         results["status"], results["error"] = "interrupted", str(exc)
+        keep_finished_training(run_dir)
     except KeyboardInterrupt:
         results["status"], results["error"] = "interrupted", "interrupted before training could save its state"
     except Exception as exc:  # a bug, not bad input: keep the traceback in the run directory
@@ -614,6 +682,7 @@ def run_job(cfg: DictConfig) -> float | None:
         results["status"] = "failed"
         results["error"] = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'traceback.txt'})"
     finally:
+        _phase[0] = "recording"
         results["timing"]["total_s"] = time.perf_counter() - started
         main = results["metrics"].get("test_acc", results["metrics"].get("test_ppl"))
         results["main_metric"] = main

@@ -4,12 +4,58 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("NNSVD_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+# ------------------------------------------------------------ the checkout stays as it was
+
+_SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def checkout_files(root: Path = REPO) -> dict[str, tuple[int, int]]:
+    """Every file of the checkout but the venv, git's and the tools' caches: path → (size, mtime)."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP and not d.endswith(".egg-info")]
+        for name in files:
+            path = Path(directory, name)
+            try:
+                stat = path.lstat()
+            except FileNotFoundError:
+                continue
+            found[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, not an xdist worker
+        session.config._checkout_before = checkout_files()
+    # run.py's default cache.dir is outputs/cache in the checkout: tests that name no cache= use a temporary one
+    session.config._test_cache = os.environ["NNSVD_CACHE_DIR"] = tempfile.mkdtemp(prefix="nnsvd-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(getattr(session.config, "_test_cache", ""), ignore_errors=True)
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None:
+        return
+    after = checkout_files()
+    changed = sorted(p for p in before.keys() & after.keys() if before[p] != after[p])
+    written = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    if changed or written or removed:
+        lines = [f"  {what} {p}" for what, paths in (("wrote", written), ("changed", changed), ("removed", removed))
+                 for p in paths[:20]]
+        session.config.get_terminal_writer().line(
+            "\nthe tests changed the checkout (a test may write only inside its temporary directories):\n"
+            + "\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def require_data(*parts: str) -> Path:

@@ -161,6 +161,33 @@ def test_misspelled_keys_fail(override):
         _compose(override)
 
 
+@pytest.mark.parametrize(("override", "nearest"), [
+    ("+rnak=8", "'rnak' (nearest known keys: rank)"),
+    ("++rnak=8", "'rnak' (nearest known keys: rank)"),
+    ("+model.hiden=32", "'model.hiden' (nearest known keys: model.hidden"),
+    ("+compress.ration=0.2", "'compress.ration' (nearest known keys: compress.ratio"),
+    ("+hiden=32", "'hiden' (nearest known keys: model.hidden"),
+    ("+foo.bar=1", "'foo' (no known key is close)"),
+])
+def test_keys_added_past_the_schema_are_refused_with_the_nearest_known(override, nearest):
+    """Hydra refuses rnak=8 and suggests +rnak=8, which it then accepts: check_known_keys refuses it."""
+    from nnsvd.config import check_known_keys
+    from nnsvd.errors import ConfigError
+
+    cfg = _compose(override)
+    with pytest.raises(ConfigError, match="unknown config key") as err:
+        check_known_keys(cfg)
+    assert nearest in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [(), ("model=gpt2",), ("model=smollm2", "+recipe=whiten_sequential"),
+                                       ("experiment=smollm2_methods",), ("model=causal_lm", "data=text_files")])
+def test_every_preset_uses_only_declared_keys(overrides):
+    from nnsvd.config import check_known_keys
+
+    check_known_keys(_compose(*overrides))
+
+
 @pytest.mark.parametrize("override", ["rank=abc", "rank=8.5", "train.lr=fast", "model.hidden=wide", "seed=x"])
 def test_wrong_types_fail(override):
     with pytest.raises((ConfigCompositionException, ValidationError)):

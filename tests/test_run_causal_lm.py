@@ -4,6 +4,7 @@ local directory with the local GPT-2 tokenizer, on the first lines of the real W
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -163,3 +164,48 @@ def test_ratio_allocates_ranks_of_a_causal_lm_and_reloads(env, allocation, extra
     _, again = cli(env, name + "_reload", f"checkpoint={env['base'] / name}", "eval.max_length=32", "eval.max_tokens=512")
     assert again["metrics"]["test_ppl"] == pytest.approx(r["metrics"]["test_ppl"], rel=1e-6)
     assert {layer["name"]: layer["rank"] for layer in again["layers"]} == ranks
+
+
+def test_sigterm_after_training_stops_at_once_and_resume_does_not_train_again(env, tmp_path):
+    """A stop outside training ends the run where it is (here: evaluating the fine-tuned model,
+    on the whole real test file), never as ok; resume=true keeps the finished fine-tuning."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    root = tmp_path / "data"
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    for name in ("wiki.train.raw", "wiki.valid.raw"):
+        (root / "wikitext-2-raw" / name).symlink_to(env["data_root"] / "wikitext-2-raw" / name)
+    (root / "wikitext-2-raw" / "wiki.test.raw").symlink_to(require_data("wikitext-2-raw", "wiki.test.raw"))
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*COMMON, f"model.name_or_path={env['models']['llama']}", "finetune.steps=2", "eval.max_tokens=8192",
+            "eval.validation=false"]
+    cmd = [sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}", f"cache.dir={cache}",
+           "wandb.mode=disabled"]
+    environ = {**os.environ, **OFFLINE, "NNSVD_DATA_ROOT": str(root), "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run_dir / "run.log"
+    while proc.poll() is None and not (log.exists() and "finetune step=2 val/ppl" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate()
+    assert proc.returncode != 0, out
+    interrupted = json.loads((run_dir / "results.json").read_text())
+    assert interrupted["status"] == "interrupted"
+    assert "SIGTERM received while evaluating the fine-tuned model: stopped there" in interrupted["error"]
+    assert "finetuned_test_ppl" not in interrupted["metrics"] and interrupted["checkpoint"] is None
+    text = log.read_text()
+    assert "stopping at the next epoch" not in text  # not training: it stopped at once
+    assert "interrupted: SIGTERM received while evaluating the fine-tuned model" in text.splitlines()[-1]
+    assert (run_dir / "interrupted" / "trainer.pt").is_file()  # the finished fine-tuning is kept
+
+    _, resumed = run_cli([*args, "resume=true"], run_dir, data_root=root, cache=cache, env=OFFLINE)
+    assert resumed["status"] == "ok" and "finetuned_test_ppl" in resumed["metrics"]
+    text = log.read_text().split("finetune training had finished before the stop")
+    assert len(text) == 2 and "finetune step=" not in text[1]  # redone: the evaluation, not the training
+    assert resumed["history"]["finetune"] == interrupted["history"]["finetune"]
+    assert not (run_dir / "interrupted").exists()

@@ -230,6 +230,8 @@ def _fails(env, name, *args, match: str):
         (["rank=8", "model.targets=[l9]"], "target pattern 'l9' matches no Linear/Conv1D layer"),
         (["mode=scratch"], "mode=scratch needs a size: add rank=R (e.g. rank=8) or compress.ratio=F"),
         (["rank=8", "checkpoint=/does/not/exist"], "checkpoint=/does/not/exist does not exist"),
+        (["+rnak=8"], "unknown config key 'rnak' (nearest known keys: rank)"),  # Hydra's own hint for rnak=8
+        (["rank=8", "+compress.ration=0.2"], "unknown config key 'compress.ration' (nearest known keys: compress.ratio"),
     ],
 )
 def test_bad_input_fails_before_training_with_one_line(env, args, match, tmp_path):

@@ -43,8 +43,12 @@ def test_two_rank_sweep_writes_summary_and_wandb_group(data_root, tmp_path, laun
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     proc, _ = run_cli([*QUICK, "rank=2,4", "wandb.mode=offline", *extra], sweep, data_root=data_root,
-                      cache=cache, multirun=True, env={"WANDB_MODE": None})
+                      cache=cache, multirun=True, env={"WANDB_MODE": None, "OMP_NUM_THREADS": None})
     rows = _assert_summary(sweep, 2)
+    cpus = len(os.sched_getaffinity(0))
+    threads = f"CPU threads: {max(1, cpus // 2)} ({cpus} cores shared by 2 jobs at once)" if extra else \
+        "(one job at a time)"
+    assert all(threads in (sweep / job / "run.log").read_text() for job in ("0_rank-2", "1_rank-4"))
     assert [(r["rank"], r["status"], r["mode"]) for r in rows] == [("2", "ok", "compress"), ("4", "ok", "compress")]
     results = _results(sweep)
     assert sorted(results) == ["0_rank-2", "1_rank-4"]  # readable job dirs: the swept key alone

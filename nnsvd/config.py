@@ -246,7 +246,8 @@ def _override_item(line: str) -> str:
             parts.pop()
         value = parts[-1] if parts else value
     value = re.sub(r"[\[\]{}()'\"]", "", value).replace(",", "+")
-    return f"{_safe(key)}-{_safe(value)}"
+    sign = "-" if value.startswith("-") and value[1:2].isdigit() else ""  # rank=-3 → rank--3, not rank-3
+    return f"{_safe(key)}-{sign}{_safe(value)}"
 
 
 def override_items(overrides: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:

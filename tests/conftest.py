@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_DATA = Path(os.environ.get("NNSVD_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+# The data the tests read: NNSVD_TEST_DATA (CI sets it), else the folder run.py downloads into (data.root:
+# $NNSVD_DATA_ROOT, else ./data in the checkout), laid out as README.md's "Data" section says.
+TEST_DATA = Path(os.environ.get("NNSVD_TEST_DATA") or os.environ.get("NNSVD_DATA_ROOT") or REPO / "data").resolve()
 
 
 # ------------------------------------------------------------ the checkout stays as it was
@@ -59,10 +61,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def require_data(*parts: str) -> Path:
-    """Path under NNSVD_TEST_DATA, or skip the test with the reason."""
+    """Path under the test data folder, or skip the test with the reason."""
     path = TEST_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found: set NNSVD_TEST_DATA to the offline data folder")
+        pytest.skip(f"{path} not found: set NNSVD_TEST_DATA to a data folder laid out as README.md's 'Data' "
+                    "section says (or let run.py download MNIST into ./data)")
     return path
 
 

@@ -227,6 +227,9 @@ EXCLUDE = ["wandb.mode", "cache.dir", "data.root"]
         (["checkpoint=outputs/runs/2026-11-27/12-00-00_rank-8/"], "checkpoint-12-00-00_rank-8"),
         (["checkpoint=/x/12-00-00_rank-8/model.safetensors", "rank=4"], "checkpoint-12-00-00_rank-8_rank-4"),
         (["model.sample_prompt='a b: c=d'"], "model.sample_prompt-a-b-c-d"),
+        (["rank=-3"], "rank--3"),  # not rank-3, the name of rank=3
+        (["rank=3"], "rank-3"),
+        (["compress.ratio=-0.5", "seed=-1"], "compress.ratio--0.5_seed--1"),
         ([], ""),
     ],
 )
@@ -239,7 +242,7 @@ def test_override_names_parse_back_as_unquoted_override_values():
     parser = OverridesParser.create()
     sets = [["rank=8", "regularizer=symmetric", "regularizer.alpha=1e-3"], ["model.targets=[l1,l2]", "rank=2"],
             ["train.seq_len=null", "eval.max_tokens=1_000"], ["mode=scratch", "rank=1", "seed=0"],
-            ["+cell=scratch_symmetric_orthonormal_1e-2_r08"], ["model.sample_prompt='x,y=[z]'"]]
+            ["+cell=scratch_symmetric_orthonormal_1e-2_r08"], ["model.sample_prompt='x,y=[z]'"], ["rank=-3"]]
     for overrides in sets:
         for prefix in ("12-04-13", "0", "10"):
             path = f"outputs/runs/2026-11-27/{prefix}_{override_name(overrides)}"

@@ -108,10 +108,11 @@ def test_checkpoint_alone_reloads_a_causal_lm_run(env):
     if not (source / "results.json").is_file():
         cli(env, "llama", *COMMON, f"model.name_or_path={env['models']['llama']}", *RUNS["llama"])
     made = json.loads((source / "results.json").read_text())
-    _, r = cli(env, "reload", f"checkpoint={source}", "eval.max_length=32", "eval.max_tokens=512")
+    _, r = cli(env, "reload", f"checkpoint={source}")  # evaluated as its run was (eval.* of its config)
     assert r["status"] == "ok" and {"model=causal_lm", "data=text_files"} <= set(r["overrides"])
     assert (r["flow"], r["mode"], r["rank"], r["from_checkpoint"]["kind"]) == ("evaluate", "compress", 4, "causal_lm")
-    assert r["metrics"]["test_ppl"] == pytest.approx(made["metrics"]["test_ppl"], rel=1e-6)
+    assert r["eval_from"].endswith("config.yaml") and r["metrics"]["test_tokens"] == made["metrics"]["test_tokens"]
+    assert r["metrics"]["test_ppl"] == made["metrics"]["test_ppl"]  # the same settings: exactly the same
     assert r["params"]["total"] == made["params"]["total"]
 
 
@@ -161,8 +162,9 @@ def test_ratio_allocates_ranks_of_a_causal_lm_and_reloads(env, allocation, extra
     # the spectrum allocation read every target's statistics at once, and factorizes from them; sequential
     # calibration then goes block by block on the compressed blocks before each
     assert r["compress"]["calibration"]["by_block"] is bool(extra)
-    _, again = cli(env, name + "_reload", f"checkpoint={env['base'] / name}", "eval.max_length=32", "eval.max_tokens=512")
-    assert again["metrics"]["test_ppl"] == pytest.approx(r["metrics"]["test_ppl"], rel=1e-6)
+    # evaluated with the source run's eval.* (eval.batch_size=8 among them), so the perplexity is exactly its
+    _, again = cli(env, name + "_reload", f"checkpoint={env['base'] / name}")
+    assert again["metrics"]["test_ppl"] == r["metrics"]["test_ppl"]
     assert {layer["name"]: layer["rank"] for layer in again["layers"]} == ranks
 
 

@@ -105,7 +105,7 @@ def test_compress_finetune_with_symmetric_penalty(env, compressed):
 
     # checkpoint= reloads it in the suite: same perplexity, labelled as what it is
     _, again_r = cli(env, "reload", f"checkpoint={env['base'] / 'compress'}")
-    assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == pytest.approx(m["test_ppl"], rel=1e-6)
+    assert again_r["status"] == "ok" and again_r["metrics"]["test_ppl"] == m["test_ppl"]
     assert (again_r["flow"], again_r["mode"], again_r["rank"]) == ("evaluate", "compress", 4)
     assert again_r["regularizer"]["label"] == "symmetric+orthonormal"
     assert {x["name"]: x["form"] for x in again_r["layers"]} == forms
@@ -130,7 +130,7 @@ def test_checkpoint_alone_reloads_a_gpt2_run_directory(env, compressed, tmp_path
     _, pretrained = run_cli([f"checkpoint={src}", "model=gpt2", "eval.max_length=32", "eval.stride=32",
                                     "eval.max_tokens=512"], tmp_path / "gpt2", **kw)
     assert pretrained["status"] == "ok"
-    assert pretrained["metrics"]["test_ppl"] == pytest.approx(r["metrics"]["test_ppl"], rel=1e-6)
+    assert pretrained["metrics"]["test_ppl"] == r["metrics"]["test_ppl"]  # eval.batch_size=8 from the source run
 
 
 def test_checkpoint_of_the_other_kind_is_refused_in_one_line(env, compressed):

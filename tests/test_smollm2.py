@@ -184,3 +184,12 @@ def test_an_evaluation_that_cannot_fit_in_memory_is_refused_before_it_starts(env
     proc, r = cli(env, "too_big", "eval.max_length=8192", "eval.batch_size=512", check=False)
     assert proc.returncode == 1 and "eval.batch_size=512 with eval.max_length=8192 needs about" in r["error"]
     assert "lower eval.batch_size or eval.max_length" in r["error"] and r["metrics"] == {}
+
+
+def test_a_rank_too_large_names_the_binding_layer_and_the_largest_rank_all_accept(env):
+    """rank=700: not q_proj's limit (287) and then k_proj's (143) one run after another, but 143 at once."""
+    proc, r = cli(env, "rank_700", "rank=700", check=False)
+    assert proc.returncode == 1 and r["metrics"] == {}
+    assert ("rank=700 is out of range for layer 'model.layers.0.self_attn.k_proj' of shape 192×576 (low-rank form): "
+            "allowed 1 ≤ rank ≤ 143 (larger ranks save no parameters), the largest rank that all 210 targets accept"
+            ) in r["error"]

@@ -31,7 +31,7 @@ from nnsvd.lowrank.layers import (
 )
 from nnsvd.lowrank.methods import factorize, method_name, resolve_factorizer
 from nnsvd.lowrank.progress import Progress
-from nnsvd.lowrank.ranks import RankError, validate_rank
+from nnsvd.lowrank.ranks import RankError, max_useful_rank, validate_rank
 from nnsvd.lowrank.report import CompressionReport, LayerReport
 from nnsvd.lowrank.weighted import relative_data_error
 
@@ -83,15 +83,25 @@ def plan_compression(
     Raises TargetError for a pattern that matches nothing or symmetric with no square
     target, and RankError for a rank that is not useful for some layer.
     """
-    plan = []
+    plan, shapes = [], {}
     for name in find_targets(model, targets):
         module = model.get_submodule(name)
         W, _ = linear_weight(module)
-        shape = (W.shape[0], W.shape[1])
-        form = SYMMETRIC if symmetric and shape[0] == shape[1] else PLAIN
-        r = _rank_for(name, rank)
-        validate_rank(name, shape, r, symmetric=form == SYMMETRIC, allow_full_rank=allow_full_rank)
-        plan.append((name, module, r, form))
+        shapes[name] = (W.shape[0], W.shape[1])
+        form = SYMMETRIC if symmetric and W.shape[0] == W.shape[1] else PLAIN
+        plan.append((name, module, _rank_for(name, rank), form))
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        # one rank for every target: name the layer that binds it, once, with the largest rank all accept
+        limit = {name: (min(shapes[name]) if allow_full_rank else
+                        max_useful_rank(*shapes[name], symmetric=form == SYMMETRIC)) for name, _, _, form in plan}
+        binding = min(plan, key=lambda p: limit[p[0]])
+        try:
+            validate_rank(binding[0], shapes[binding[0]], rank, symmetric=binding[3] == SYMMETRIC,
+                          allow_full_rank=allow_full_rank)
+        except RankError as exc:
+            raise RankError(f"{exc}, the largest rank that all {len(plan)} targets accept") from None
+    for name, _, r, form in plan:
+        validate_rank(name, shapes[name], r, symmetric=form == SYMMETRIC, allow_full_rank=allow_full_rank)
     if symmetric and not any(form == SYMMETRIC for *_, form in plan):
         shapes = ", ".join(f"{n} {tuple(linear_weight(m)[0].shape)}" for n, m, *_ in plan)
         raise TargetError(f"symmetric form needs a square target layer, but none is: {shapes}")

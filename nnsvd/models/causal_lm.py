@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from filelock import FileLock
@@ -25,6 +26,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers import modeling_gguf_pytorch_utils as gguf_utils
 from transformers.utils import logging as hf_logging
 
 from nnsvd.errors import CheckpointError, ConfigError, ModelLoadError
@@ -186,8 +188,11 @@ def _read_gguf(source: gguf.GGUFSource, dtype: str) -> tuple[nn.Module, PreTrain
     local = source.path.expanduser()
     folder = str(Path(source.folder).expanduser()) if local.exists() else source.folder
     start = time.perf_counter()
+    log.info("reading %s and dequantizing it to %s (about half a minute for 135M parameters on 2 cores)",
+             source.file, dtype)
     try:
-        with _quiet_loading():
+        # transformers draws a tqdm bar per GGUF tensor, which a log file keeps as one endless line
+        with _quiet_loading(), patch.object(gguf_utils, "tqdm", lambda items, **_: items):
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=source.file, dtype=torch_dtype(dtype))
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=source.file)
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import HANG, REPO
 
 from nnsvd.models.gpt2 import load_gpt2
 from nnsvd.perplexity import evaluate_perplexity
@@ -40,7 +40,7 @@ def test_rows_are_the_jobs_ranks_and_plain_svd_equals_an_independent_truncation(
         [sys.executable, str(REPO / "scripts" / "compare_at_ranks.py"), str(tmp_path / "sweep"), str(tmp_path / "dense"),
          "--ratios", "0.4", "--data-root", str(tmp_path / "data"), "--tokens", "4096", "--samples", "16",
          "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=HANG,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = json.loads(out.read_text())["jobs"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, require_data, run_cli
+from conftest import HANG, REPO, require_data, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_probe_rows_match_the_run_and_the_suites_own_uniform_svd(tmp_path):
     env = {**os.environ, "NNSVD_DATA_ROOT": str(data), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(REPO / "scripts" / "probe_training.py"), "--out", str(out), "--ratios", "0.4,0.6",
            *SMALL, f"hydra.run.dir={tmp_path / 'dense'}", f"cache.dir={cache}", "wandb.mode=disabled"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4]
@@ -42,7 +42,7 @@ def test_probe_rows_match_the_run_and_the_suites_own_uniform_svd(tmp_path):
 
     # again on the cached model: nothing to probe, which is an error that says what to do
     again = subprocess.run([*cmd[:3], str(tmp_path / "again.jsonl"), *cmd[4:]], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=HANG)
     assert again.returncode == 1 and not (tmp_path / "again.jsonl").exists()
     assert "probe_training.py: error: no training validation was probed" in again.stderr
     assert "cache.dense=false" in again.stderr

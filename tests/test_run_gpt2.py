@@ -255,7 +255,7 @@ def test_unreachable_hub_fails_at_once_with_one_line(env, tmp_path, args):
     no_offline = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_DATASETS_OFFLINE": None,
                   "HF_HOME": str(tmp_path / "hf")}  # an empty Hugging Face cache
     proc, r = run_cli(args, tmp_path / "run", data_root=env["data_root"], cache=tmp_path / "cache", env=no_offline,
-                      prefix=no_network(), check=False, timeout=120)
+                      prefix=no_network(), check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "Retrying" not in out and "thrown while requesting" not in out, out

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import HANG, REPO, run_cli
 from omegaconf import OmegaConf
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_sweep_runs_as_slurm_jobs_and_writes_results_summary_and_wandb(slurm_clu
     assert "Bypassing sacct error" not in output and "accounting storage is disabled" not in output
 
 
-def _wait_for(predicate, what: str, proc: subprocess.Popen, output: Path, timeout: float = 300) -> None:
+def _wait_for(predicate, what: str, proc: subprocess.Popen, output: Path, timeout: float = HANG) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
@@ -100,7 +100,7 @@ def test_preempted_and_timed_out_jobs_are_requeued_and_continue_from_their_state
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for(stop_the_training_jobs, "both jobs trained an epoch", proc, output)
-        proc.wait(timeout=600)
+        proc.wait(timeout=HANG)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import HANG
 from omegaconf import OmegaConf
 
 from nnsvd import callbacks, summary
@@ -414,7 +415,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, str(REPO / "scripts" / "summarize.py"), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG,
         cwd=REPO,
     )
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, interrupt_and_resume, run_cli
+from conftest import HANG, REPO, interrupt_and_resume, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_two_rank_sweep_writes_summary_and_wandb_group(data_root, tmp_path, laun
 
 def test_submitit_local_runs_the_cluster_code_path(data_root, tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli([*QUICK, "rank=2,4", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"], sweep,
+    run_cli([*QUICK, "rank=2,4", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=60"], sweep,
             data_root=data_root, cache=tmp_path / "cache", multirun=True)
     rows = _assert_summary(sweep, 2)
     assert [r["status"] for r in rows] == ["ok", "ok"]
@@ -94,7 +94,7 @@ def test_resume_after_kill_recomputes_nothing_that_finished(data_root, tmp_path)
     env = {**os.environ, "NNSVD_DATA_ROOT": str(data_root), "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = sweep / "0_rank-1" / "results.json"
-    deadline = time.time() + 300
+    deadline = time.time() + HANG
     while not first.exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.kill()  # midway: job 0 finished, the others have not

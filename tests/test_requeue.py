@@ -66,3 +66,49 @@ def test_when_submitit_declines_to_requeue_the_job_ends_as_interrupted(slurm_job
     with caplog.at_level(logging.ERROR, logger="nnsvd"):
         assert hand_back([signal.SIGUSR2]) is None
     assert "SLURM job 10_2 is not requeued: Job not requeued because: timed-out too many times." in caplog.text
+
+
+@pytest.fixture
+def stop_handlers():
+    """run_job's SIGTERM/SIGINT handlers, installed for the test and removed after it."""
+    from nnsvd import pipeline
+
+    restore = pipeline._install_stop_handlers()
+    pipeline._phase[0] = "starting"
+    yield pipeline
+    restore()
+    pipeline.STOP.clear()
+
+
+def _wait_for_the_signal():
+    import time
+
+    for _ in range(100):  # the handler runs at the next bytecode; this loop is only where it lands
+        time.sleep(0.01)
+
+
+def test_a_signal_outside_training_stops_at_once_naming_the_phase(stop_handlers):
+    import os
+
+    pipeline = stop_handlers
+    stopped = pytest.raises(pipeline.Interrupted, match="SIGTERM received while calibrating and compressing: stopped")
+    with stopped, pipeline.doing("calibrating and compressing"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for_the_signal()
+        pytest.fail("the signal did not stop the phase")
+    assert pipeline._phase[0] == "starting"  # the phase it was in before
+
+
+def test_a_signal_during_training_or_saving_waits_for_its_end(stop_handlers):
+    import os
+
+    pipeline = stop_handlers
+    with pipeline.doing("training (dense)"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for_the_signal()
+    assert pipeline.STOP.is_set()  # training sees it at its next epoch or step
+    with pipeline.doing("saving the model"):
+        _wait_for_the_signal()  # a save is not cut short
+    stopped = pytest.raises(pipeline.Interrupted, match="SIGTERM received while evaluating the compressed model")
+    with stopped, pipeline.doing("evaluating the compressed model"):  # the next phase does not start
+        pytest.fail("the phase ran although a stop was asked for")

@@ -11,7 +11,7 @@ figures equal those of ``experiment=gpt2_methods``), and prints the test perplex
 - the model with every block target truncated by plain SVD to the rank that keeps a fraction of its
   weights (the uniform allocation of compress.ratio).
 
-Usage: python scripts/ablate_blocks.py DENSE_DIR [--data-root ../shared/data] [--tokens 65536] [--out F]
+Usage: python scripts/ablate_blocks.py DENSE_DIR [--data-root /path/to/data] [--tokens 65536] [--out F]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def truncated(model: GPT2LMHeadModel, removed: float) -> GPT2LMHeadModel:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dense_dir")
-    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--data-root", default=os.environ.get("NNSVD_DATA_ROOT", "data"))
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--out", default="outputs/ablate_blocks.json")
     a = p.parse_args()

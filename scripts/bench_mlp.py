@@ -1,6 +1,6 @@
 """Benchmark the MNIST entrypoint end to end, as a user runs it.
 
-    python scripts/bench_mlp.py --data-root ../shared/data-copy [--repeats 3] [--out outputs/bench_mlp.json]
+    python scripts/bench_mlp.py --data-root /path/to/data [--repeats 3] [--out outputs/bench_mlp.json]
 
 Measures (each a fresh `python run.py ...` process, W&B offline, real MNIST):
   1. the dense run `run.py model=mlp` with 10 epochs and the dense cache off (it trains);

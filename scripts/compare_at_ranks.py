@@ -11,7 +11,7 @@ Whitening is calibrated on --samples blocks of 128 bytes of the raw train file, 
 bytes, not the suite's line-by-line stream, so its figures can differ from the sweep's in the third
 digit. Each row also shows the job's own test perplexity.
 
-Usage: python scripts/compare_at_ranks.py SWEEP_DIR DENSE_DIR [--ratios 0.4,0.6] [--data-root ../shared/data]
+Usage: python scripts/compare_at_ranks.py SWEEP_DIR DENSE_DIR [--ratios 0.4,0.6] [--data-root /path/to/data]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from pathlib import Path
 
 from ablate_blocks import byte_stream
@@ -57,7 +58,7 @@ def main() -> None:
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("dense_dir")
     p.add_argument("--ratios", type=lambda text: [float(x) for x in text.split(",")], default=[0.4, 0.6])
-    p.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    p.add_argument("--data-root", type=Path, default=Path(os.environ.get("NNSVD_DATA_ROOT", "data")))
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,7 @@ how much plain SVD costs depends on how long and how the model was trained.
 
 Usage (everything after the script's own options is passed to run.py):
 
-    NNSVD_DATA_ROOT=../shared/data python scripts/probe_training.py --out outputs/probe.jsonl model=gpt2_bytes
+    NNSVD_DATA_ROOT=/path/to/data python scripts/probe_training.py --out outputs/probe.jsonl model=gpt2_bytes
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ suite's own task, calibration batches, whitening statistics and ``measure_sensit
 both loss increases per (layer, rank), their rank correlation over all pairs, and the seconds each took.
 It saves the figures as JSON (--out).
 
-Usage: NNSVD_DATA_ROOT=../shared/data python scripts/sensitivity_shortcut.py [--full-samples 16]
+Usage: NNSVD_DATA_ROOT=/path/to/data python scripts/sensitivity_shortcut.py [--full-samples 16]
 """
 
 from __future__ import annotations

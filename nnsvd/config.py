@@ -233,6 +233,14 @@ def _safe(text: str) -> str:
     return _UNSAFE.sub("-", text).strip("-")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _override_item(line: str) -> str:
     """``key=value`` → ``key-value``: brackets and quotes dropped, list commas as ``+``, a path
     value as its last component (``checkpoint=runs/…/12-00-00_rank-8`` → ``checkpoint-12-00-00_rank-8``)."""
@@ -246,7 +254,7 @@ def _override_item(line: str) -> str:
             parts.pop()
         value = parts[-1] if parts else value
     value = re.sub(r"[\[\]{}()'\"]", "", value).replace(",", "+")
-    sign = "-" if value.startswith("-") and value[1:2].isdigit() else ""  # rank=-3 → rank--3, not rank-3
+    sign = "-" if value.startswith("-") and _is_number(value) else ""  # rank=-3 → rank--3, not rank-3
     return f"{_safe(key)}-{sign}{_safe(value)}"
 
 

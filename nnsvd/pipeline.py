@@ -63,13 +63,16 @@ log = logging.getLogger("nnsvd")
 LAYERS_TABLE = "layers.txt"  # the per-layer report of a compress run, in its run directory
 STOP = threading.Event()  # set by SIGTERM/SIGINT: training stops at the next boundary
 _received: list[int] = []  # the signals that set it
-_phase = ["recording"]  # what the job is doing now (``doing``): says how a signal stops it
-_DEFERRED = ("training", "saving", "recording")  # phases a signal lets finish (training: to its next boundary)
+_phase = ["between phases"]  # what the job is doing now (``doing``): says how a signal stops it
+# Phases a signal lets finish (training: to its next boundary); the next phase that is not one of them then stops.
+_DEFERRED = ("training", "saving", "between phases")
 _finished: dict = {}  # the last training phase that ran to its end: kept if a later phase is interrupted
 
 
-class Interrupted(Exception):
-    """A signal stopped the job: training with its state saved, any other phase at once."""
+class Interrupted(BaseException):
+    """A signal stopped the job: training with its state saved, any other phase at once. A BaseException,
+    as KeyboardInterrupt is, so that no ``except Exception`` on the way (a logging handler, a loader that
+    reports unreadable files) takes it for an error of its own."""
 
 
 @contextmanager
@@ -78,8 +81,8 @@ def doing(name: str):
     SIGTERM or Ctrl-C during training stops at the next epoch or step and saves the state; during
     any other phase but saving it stops the job at once, and the message names the phase."""
     previous = _phase[0]
-    _phase[0] = name
     try:
+        _phase[0] = name
         if STOP.is_set() and not name.startswith(_DEFERRED):
             _stop_now(name)  # a signal that came while saving or training wrapped up
         yield
@@ -313,7 +316,8 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
         results["dense_source"] = "trained"
         return _train_dense(task, fresh, c, tracker, results, run_dir), None
     entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start))
-    with locked(entry):  # parallel jobs wait here instead of training the same model twice
+    # parallel jobs wait here instead of training the same model twice
+    with doing("getting the dense model from the cache"), locked(entry):
         if entry.is_dir():
             model, _ = task.load(entry)
             results["dense_source"] = f"cache:{entry}"
@@ -381,6 +385,8 @@ def train_phase(
     results["timing"]["train_s"] += out.train_s
     results["history"][phase] = out.history
     if not out.interrupted:
+        if saved is not None:
+            clear_train_state(run_dir)  # the state this phase resumed from is done with
         _finished.update(phase=phase, model=model, save=task.save, history=out.history)
     if out.interrupted:
         where = save_train_state(run_dir, phase, model, task.save, out.resume_state)
@@ -455,6 +461,8 @@ def run_experiment(
     if flow == "compress":
         metrics.update({f"dense_{k}": v for k, v in final.items()})
         dense = copy.deepcopy(model) if hasattr(task, "bound") else None
+        if _finished.get("phase") == "dense":
+            _finished.clear()  # compression changes that model in place: it is no longer the trained dense one
         t = time.perf_counter()
         with doing("calibrating and compressing"):
             report, results["compress"] = compress(task, model, c, targets, symmetric, batches,
@@ -541,7 +549,7 @@ def _install_stop_handlers():
     STOP.clear()
     _received.clear()
     _finished.clear()
-    _phase[0] = "recording"
+    _phase[0] = "between phases"
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
@@ -649,7 +657,6 @@ def run_job(cfg: DictConfig) -> float | None:
     ok = False
     restore = _install_stop_handlers()
     try:
-        _phase[0] = "starting"
         check_known_keys(cfg)  # +rnak=8 would otherwise be ignored
         flow = resolve_mode(c)
         results["flow"] = flow
@@ -682,7 +689,7 @@ def run_job(cfg: DictConfig) -> float | None:
         results["status"] = "failed"
         results["error"] = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'traceback.txt'})"
     finally:
-        _phase[0] = "recording"
+        _phase[0] = "between phases"
         results["timing"]["total_s"] = time.perf_counter() - started
         main = results["metrics"].get("test_acc", results["metrics"].get("test_ppl"))
         results["main_metric"] = main

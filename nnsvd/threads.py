@@ -6,8 +6,8 @@ run 4 threads that spin-wait for each other, and a loaded machine slows by far m
 - A single run, or a sweep of the basic launcher (one job at a time): torch's own choice.
 - joblib (``hydra.launcher.n_jobs``) and submitit's local launcher (every job at once): the cores
   divided by the jobs running together, at least 1; ``hydra.launcher.cpus_per_task`` when given.
-- SLURM: the job's ``SLURM_CPUS_PER_TASK``.
-- ``OMP_NUM_THREADS``, set by the user, is left as it is.
+- SLURM: the job's ``SLURM_CPUS_PER_TASK`` (a local sweep inside a SLURM allocation divides those).
+- ``OMP_NUM_THREADS``, set by the user, is kept (joblib's loky workers set their own, which is not).
 
 The launching process counts the sweep's jobs (``SweepThreads.on_multirun_start``) and passes the
 count in ``NNSVD_SWEEP_JOBS``, which every launcher's job inherits.
@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("nnsvd")
 
 SWEEP_JOBS_ENV = "NNSVD_SWEEP_JOBS"
+# OMP_NUM_THREADS as the user gave it to the sweep ("" for none): joblib's loky workers set their own
+USER_OMP_ENV = "NNSVD_USER_OMP_NUM_THREADS"
 
 
 def available_cpus() -> int:
@@ -43,8 +45,12 @@ def sweep_jobs(config: DictConfig) -> int:
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
     arguments = [f"{k}={v}" for k, v in params.items()]
     arguments += list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    try:
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception as exc:  # another sweeper's syntax (interval(), …): count it as one job
+        log.debug("could not count the sweep's jobs (%s)", exc)
+        return 1
 
 
 def parallel_jobs(launcher: Any, jobs: int, cpus: int) -> int | None:
@@ -67,17 +73,20 @@ def job_threads(launcher: Any, multirun: bool, environ: dict | None = None,
     """(threads for this job, why); None keeps torch's own choice (a job that runs alone, or
     OMP_NUM_THREADS set by the user)."""
     environ = os.environ if environ is None else environ
-    cpus = available_cpus() if cpus is None else cpus
-    if environ.get("OMP_NUM_THREADS"):
-        return None, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
-    if environ.get("SLURM_CPUS_PER_TASK"):
-        return int(environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK"
+    user_omp = environ[USER_OMP_ENV] if USER_OMP_ENV in environ else environ.get("OMP_NUM_THREADS", "")
+    if user_omp:
+        return int(user_omp), f"OMP_NUM_THREADS={user_omp}"
+    slurm = environ.get("SLURM_CPUS_PER_TASK")
+    if cpus is None:
+        cpus = int(slurm) if slurm else available_cpus()  # inside a SLURM allocation: its CPUs
     if not multirun:
         return None, "a single run"
     per_task = (launcher or {}).get("cpus_per_task")
     if per_task:
         return int(per_task), "hydra.launcher.cpus_per_task"
-    parallel = parallel_jobs(launcher, int(environ.get(SWEEP_JOBS_ENV) or 1), cpus) or 1
+    parallel = parallel_jobs(launcher, int(environ.get(SWEEP_JOBS_ENV) or 1), cpus)
+    if parallel is None:
+        return (int(slurm), "SLURM_CPUS_PER_TASK") if slurm else (None, "a SLURM job")
     if parallel == 1:
         return None, "one job at a time"
     return max(1, cpus // parallel), f"{cpus} cores shared by {parallel} jobs at once"
@@ -98,3 +107,4 @@ class SweepThreads(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_JOBS_ENV] = str(sweep_jobs(config))
+        os.environ[USER_OMP_ENV] = os.environ.get("OMP_NUM_THREADS", "")

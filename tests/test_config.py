@@ -230,6 +230,7 @@ EXCLUDE = ["wandb.mode", "cache.dir", "data.root"]
         (["rank=-3"], "rank--3"),  # not rank-3, the name of rank=3
         (["rank=3"], "rank-3"),
         (["compress.ratio=-0.5", "seed=-1"], "compress.ratio--0.5_seed--1"),
+        (["compress.ratio=-.5", "x=-inf", "y=inf"], "compress.ratio--.5_x--inf_y-inf"),
         ([], ""),
     ],
 )

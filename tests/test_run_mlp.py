@@ -223,8 +223,9 @@ def _fails(env, name, *args, match: str):
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (["rank=0"], "allowed 1 ≤ rank ≤ 31 (larger ranks save no parameters), the largest rank that all 2 targets"),
-        (["rank=60"], "'l2' of shape 64×64 (low-rank form): allowed 1 ≤ rank ≤ 31 (larger ranks save no parameters), the la"),
+        (["rank=0"], "rank=0 is out of range for layer 'l2' of shape 64×64 (low-rank form): allowed 1 ≤ rank ≤ 31"),
+        (["rank=60"], "rank=60 is out of range for layer 'l2' of shape 64×64 (low-rank form): allowed 1 ≤ rank ≤ 31 "
+                      "(larger ranks save no parameters); 31 is the largest rank that every one of the 2 targets"),
         (["rank=-3"], "rank=-3 is out of range"),
         (["rank=32"], "layer 'l2' of shape 64×64 (low-rank form): allowed 1 ≤ rank ≤ 31"),
         (["rank=8", "regularizer=symmetric", "model.targets=[l1]"], "symmetric form needs a square target"),

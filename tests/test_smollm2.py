@@ -191,5 +191,6 @@ def test_a_rank_too_large_names_the_binding_layer_and_the_largest_rank_all_accep
     proc, r = cli(env, "rank_700", "rank=700", check=False)
     assert proc.returncode == 1 and r["metrics"] == {}
     assert ("rank=700 is out of range for layer 'model.layers.0.self_attn.k_proj' of shape 192×576 (low-rank form): "
-            "allowed 1 ≤ rank ≤ 143 (larger ranks save no parameters), the largest rank that all 210 targets accept"
+            "allowed 1 ≤ rank ≤ 143 (larger ranks save no parameters); 143 is the largest rank that every one of the 210 "
+            "targets accepts"
             ) in r["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from nnsvd.threads import SWEEP_JOBS_ENV, job_threads, parallel_jobs, sweep_jobs
+from nnsvd.threads import SWEEP_JOBS_ENV, USER_OMP_ENV, job_threads, parallel_jobs, sweep_jobs
 
 JOBLIB = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": -1}
 LOCAL = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "cpus_per_task": None}
@@ -20,6 +20,7 @@ def test_the_sweep_is_counted_from_the_preset_and_the_command_line():
     }})
     assert sweep_jobs(config) == 3 * 2 * 2 * 2
     assert sweep_jobs(OmegaConf.create({"hydra": {"overrides": {"task": ["rank=8"]}}})) == 1
+    assert sweep_jobs(OmegaConf.create({"hydra": {"overrides": {"task": ["lr=interval(0.1,1)"]}}})) == 1  # not basic
 
 
 @pytest.mark.parametrize(("launcher", "jobs", "cpus", "parallel"), [
@@ -43,5 +44,12 @@ def test_each_job_gets_its_share_of_the_cores():
     assert job_threads({**LOCAL, "cpus_per_task": 3}, True, env, cpus=16) == (3, "hydra.launcher.cpus_per_task")
     assert job_threads(BASIC, True, env, cpus=2) == (None, "one job at a time")
     assert job_threads(JOBLIB, False, env, cpus=2) == (None, "a single run")
-    assert job_threads(SLURM, True, {"SLURM_CPUS_PER_TASK": "8"}, cpus=64) == (8, "SLURM_CPUS_PER_TASK")
-    assert job_threads(JOBLIB, True, {"OMP_NUM_THREADS": "3", **env}, cpus=2) == (None, "OMP_NUM_THREADS=3")
+    assert job_threads(SLURM, True, {"SLURM_CPUS_PER_TASK": "8"}) == (8, "SLURM_CPUS_PER_TASK")
+    assert job_threads({**JOBLIB, "n_jobs": 2}, True, {"SLURM_CPUS_PER_TASK": "8", **env}) == (
+        4, "8 cores shared by 2 jobs at once")  # a local sweep inside a SLURM allocation
+    # the user's OMP_NUM_THREADS is kept; the one loky sets in its workers is not the user's
+    assert job_threads(JOBLIB, True, {"OMP_NUM_THREADS": "3", USER_OMP_ENV: "3", **env}, cpus=2) == (
+        3, "OMP_NUM_THREADS=3")
+    assert job_threads(JOBLIB, True, {"OMP_NUM_THREADS": "8", USER_OMP_ENV: "", SWEEP_JOBS_ENV: "2"}, cpus=16) == (
+        8, "16 cores shared by 2 jobs at once")
+    assert job_threads(BASIC, False, {"OMP_NUM_THREADS": "3"}, cpus=2) == (3, "OMP_NUM_THREADS=3")

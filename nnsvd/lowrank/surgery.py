@@ -99,7 +99,10 @@ def plan_compression(
             validate_rank(binding[0], shapes[binding[0]], rank, symmetric=binding[3] == SYMMETRIC,
                           allow_full_rank=allow_full_rank)
         except RankError as exc:
-            raise RankError(f"{exc}, the largest rank that all {len(plan)} targets accept") from None
+            if rank < 1 or len(plan) == 1:
+                raise
+            raise RankError(f"{exc}; {limit[binding[0]]} is the largest rank that every one of the {len(plan)} "
+                            "targets accepts") from None
     for name, _, r, form in plan:
         validate_rank(name, shapes[name], r, symmetric=form == SYMMETRIC, allow_full_rank=allow_full_rank)
     if symmetric and not any(form == SYMMETRIC for *_, form in plan):

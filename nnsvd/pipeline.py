@@ -651,6 +651,7 @@ def run_job(cfg: DictConfig) -> float | None:
         "checkpoint": None,
         "history": {},
         "run_dir": str(run_dir),
+        "threads": torch.get_num_threads(),  # CPU results depend on it (the order of float sums in training)
     }
     started = time.perf_counter()
     tracker = None

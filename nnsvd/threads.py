@@ -74,8 +74,8 @@ def job_threads(launcher: Any, multirun: bool, environ: dict | None = None,
     OMP_NUM_THREADS set by the user)."""
     environ = os.environ if environ is None else environ
     user_omp = environ[USER_OMP_ENV] if USER_OMP_ENV in environ else environ.get("OMP_NUM_THREADS", "")
-    if user_omp:
-        return int(user_omp), f"OMP_NUM_THREADS={user_omp}"
+    if user_omp:  # an integer, or OpenMP's per-level list ("4,2"), which torch reads itself
+        return (int(user_omp) if user_omp.strip().isdigit() else None), f"OMP_NUM_THREADS={user_omp}"
     slurm = environ.get("SLURM_CPUS_PER_TASK")
     if cpus is None:
         cpus = int(slurm) if slurm else available_cpus()  # inside a SLURM allocation: its CPUs

@@ -53,3 +53,4 @@ def test_each_job_gets_its_share_of_the_cores():
     assert job_threads(JOBLIB, True, {"OMP_NUM_THREADS": "8", USER_OMP_ENV: "", SWEEP_JOBS_ENV: "2"}, cpus=16) == (
         8, "16 cores shared by 2 jobs at once")
     assert job_threads(BASIC, False, {"OMP_NUM_THREADS": "3"}, cpus=2) == (3, "OMP_NUM_THREADS=3")
+    assert job_threads(BASIC, False, {"OMP_NUM_THREADS": "4,2"}, cpus=2) == (None, "OMP_NUM_THREADS=4,2")

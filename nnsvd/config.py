@@ -481,11 +481,11 @@ def check_known_keys(cfg: Any) -> None:
     if not unknown:
         return
     known = [k for k in schema_keys(cfg) if k not in unknown and not any(k.startswith(f"{u}.") for u in unknown)]
+    by_leaf: dict[str, list[str]] = {}  # leaf name → the known keys ending in it
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
     parts = []
     for key in unknown:
-        by_leaf: dict[str, list[str]] = {}
-        for k in known:
-            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
         nearest = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
         for leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
             nearest += [k for k in by_leaf[leaf] if k not in nearest]

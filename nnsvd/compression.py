@@ -21,12 +21,15 @@ from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError
 from nnsvd.lowrank import (
     SYMMETRIC,
+    BlockUpdate,
     CompressionReport,
+    StatisticsStore,
     collect_statistics,
     compress_blockwise,
     compress_model,
     compress_with_calibration,
     decoder_blocks,
+    dense_block_statistics,
     is_data_aware,
     plan_compression,
     resolve_factorizer,
@@ -37,6 +40,7 @@ from nnsvd.lowrank.allocation import (
     budget,
     check_ratio,
     kept,
+    loss_allocation,
     removed_fraction,
     spectrum_allocation,
     target_shapes,
@@ -127,12 +131,58 @@ def check_compression(
             ranks = None
     check_method(c, flow, plan)
     check_sensitivity(c, task)
+    check_update(c, flow, task)
     if flow == "compress" and is_data_aware(comp["method"]) and task.calibrates_by_block:
         # block by block compresses the layers inside the decoder blocks only: one line otherwise
         blocks = decoder_blocks(model)
         targets_by_block([name for name, *_ in plan], blocks, len(model.get_submodule(blocks)))
     del plan  # it holds the dense target layers: kept, they would outlive their compression
     return ranks
+
+
+def check_update(c: Mapping, flow: str, task) -> None:
+    """compress.update and its settings: block-wise reconstruction of a language model's calibrated factors."""
+    comp, cal = c["compress"], c["calibration"]
+    if comp["update"] is None:
+        return
+    if flow != "compress":
+        raise ConfigError(f"compress.update={comp['update']} updates the factors of a compressed model: use mode=compress")
+    if not task.calibrates_by_block:
+        raise ConfigError(
+            f"compress.update={comp['update']} trains each decoder block's factors against the dense block's output: "
+            "it needs a language model (model=gpt2, model=causal_lm, model=smollm2); use compress.update=null"
+        )
+    if not is_data_aware(comp["method"]):
+        raise ConfigError(
+            f"compress.update={comp['update']} starts from a calibrated closed form: use a data-aware compress.method "
+            f"(whiten, asvd, fwsvd), not {comp['method']}"
+        )
+    if comp["update_steps"] < 0:
+        raise ConfigError(f"compress.update_steps={comp['update_steps']} must be ≥ 0 (0 keeps the closed form)")
+    if not comp["update_lr"] > 0:
+        raise ConfigError(f"compress.update_lr={comp['update_lr']} must be > 0")
+    if not 0 < comp["update_holdout"] < 1:
+        raise ConfigError(
+            f"compress.update_holdout={comp['update_holdout']} must lie in (0, 1): the fraction of the calibration "
+            "batches held out of the update, on which its best step is chosen"
+        )
+    if comp["update_eval_every"] < 1:
+        raise ConfigError(f"compress.update_eval_every={comp['update_eval_every']} must be ≥ 1")
+    count = -(-cal["samples"] // cal["batch_size"])
+    if comp["update_steps"] > 0 and count < 2:
+        raise ConfigError(
+            f"compress.update={comp['update']} holds out calibration batches, but calibration.samples="
+            f"{cal['samples']} with calibration.batch_size={cal['batch_size']} makes {count}; make at least 2 "
+            "(raise calibration.samples or lower calibration.batch_size)"
+        )
+
+
+def block_update(comp: Mapping) -> BlockUpdate | None:
+    """The configured block-wise reconstruction, or None."""
+    if comp["update"] is None:
+        return None
+    return BlockUpdate(steps=comp["update_steps"], lr=comp["update_lr"], holdout=comp["update_holdout"],
+                       eval_every=comp["update_eval_every"])
 
 
 def check_sensitivity(c: Mapping, task) -> None:
@@ -194,22 +244,46 @@ def compress(task, model: nn.Module, c: Mapping, targets: list[str], symmetric: 
     shapes = target_shapes(model, targets)
     data_aware = is_data_aware(comp["method"])
     allocated = comp["ratio"] is not None and comp["allocation"] != "uniform"
+    update = block_update(comp)
+    store = statistics_store(task, model, c, shapes, batches, cache_dir) if data_aware else None
     stats = None
-    if data_aware and (allocated or not (cal["sequential"] or task.calibrates_by_block)):
+    if data_aware and allocated and task.calibrates_by_block:
+        stats = dense_block_statistics(model, list(shapes), batches, task.calibration_loss, fisher=wants_fisher(c),
+                                       store=store)
+    elif data_aware and (allocated or not (cal["sequential"] or task.calibrates_by_block)):
         stats = collect_statistics(model, list(shapes), batches, task.calibration_loss, fisher=wants_fisher(c))
     ranks = allocate(task, model, c, shapes, method, stats, batches, cache_dir)
     if not data_aware:
         report = compress_model(model, targets, ranks, symmetric=symmetric, method=method, allow_full_rank=full)
-    elif cal["sequential"] or stats is None:
+    elif cal["sequential"] or stats is None or update is not None:
         stats = None  # the allocation's all-at-once statistics, freed before calibrating again
-        calibrate = compress_blockwise if task.calibrates_by_block else compress_with_calibration
-        report = calibrate(
-            model, targets, ranks, batches=batches, loss_fn=task.calibration_loss, method=method,
-            sequential=cal["sequential"], fisher=wants_fisher(c), allow_full_rank=full,
-        )
+        if task.calibrates_by_block:
+            report = compress_blockwise(
+                model, targets, ranks, batches=batches, loss_fn=task.calibration_loss, method=method,
+                sequential=cal["sequential"], fisher=wants_fisher(c), allow_full_rank=full, store=store,
+                update=update,
+            )
+        else:
+            report = compress_with_calibration(
+                model, targets, ranks, batches=batches, loss_fn=task.calibration_loss, method=method,
+                sequential=cal["sequential"], fisher=wants_fisher(c), allow_full_rank=full,
+            )
     else:
         report = compress_model(model, targets, ranks, method=method, allow_full_rank=full, calibration=stats)
+    report.statistics_cached = store is not None and store.reads > 0
     return report, record(c, report, batches, shapes, model)
+
+
+def statistics_store(task, model: nn.Module, c: Mapping, shapes: Mapping, batches: list | None,
+                     cache_dir: Path | None) -> StatisticsStore | None:
+    """Where a language model's dense calibration statistics are kept for the other jobs of a sweep
+    (cache.dir/statistics/KEY, keyed by the weights, the targets and the calibration batches), or
+    None: cache.statistics=false, no cache, or a model that is not calibrated block by block."""
+    if cache_dir is None or not c["cache"]["statistics"] or not task.calibrates_by_block or not batches:
+        return None
+    dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
+    key = digest(model, batches, [type(task).__name__, list(shapes), dtypes, "statistics-v1"])
+    return StatisticsStore(cache_dir / "statistics" / key)
 
 
 def allocate(task, model: nn.Module, c: Mapping, shapes: Mapping, method, stats, batches, cache_dir) -> int | dict:
@@ -220,6 +294,8 @@ def allocate(task, model: nn.Module, c: Mapping, shapes: Mapping, method, stats,
         return c["rank"]
     if allocation == "uniform":
         ranks = uniform_ranks(shapes, ratio)
+    elif allocation == "loss":
+        ranks = loss_allocation(model, shapes, ratio, method=method, calibration=stats)
     elif allocation == "spectrum":
         ranks = spectrum_allocation(model, shapes, ratio, method=method, calibration=stats,
                                     normalized=comp["spectrum_loss"] == "normalized")
@@ -277,6 +353,11 @@ def measurement_batches(batches: list, samples: int | None, seq_len: int | None)
 def sensitivity_key(model: nn.Module, shapes: Mapping, batches: list, comp: Mapping, ratios: list[float]) -> str:
     """A hash of what the measurements depend on: the weights, the targets, the calibration
     batches, the method and its options, and the candidate ratios."""
+    return digest(model, batches, [list(shapes), comp["method"], method_options(comp), ratios])
+
+
+def digest(model: nn.Module, batches: list, extra: list) -> str:
+    """A hash of the model's weights (names and bytes), the batches' bytes and ``extra`` (JSON)."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
@@ -284,7 +365,7 @@ def sensitivity_key(model: nn.Module, shapes: Mapping, batches: list, comp: Mapp
     for batch in batches:
         for t in batch if isinstance(batch, tuple | list) else (batch,):
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps([list(shapes), comp["method"], method_options(comp), ratios]).encode())
+    h.update(json.dumps(extra).encode())
     return h.hexdigest()[:20]
 
 
@@ -301,8 +382,14 @@ def record(c: Mapping, report: CompressionReport, batches: list | None, shapes: 
             "fisher": wants_fisher(c),
             "tokens": sum(b[0].shape[0] if isinstance(b, tuple | list) else b.numel() for b in batches),
             "by_block": report.memory_estimate is not None,
+            "statistics_cached": report.statistics_cached,
             "memory_estimate_mib": None if report.memory_estimate is None else round(report.memory_estimate / 2**20, 1),
         }
+    update = block_update(comp)
+    out["update"] = None if update is None else {
+        "method": comp["update"], "steps": update.steps, "lr": update.lr, "holdout": update.holdout,
+        "eval_every": update.eval_every, "blocks": report.blocks,
+    }
     params = param_summary(model)
     out["budget"] = {
         "ratio": comp["ratio"],  # requested: the fraction of the target layers' weights removed

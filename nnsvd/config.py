@@ -153,6 +153,11 @@ class Allocation(Enum):
     uniform = "uniform"  # every target keeps the fraction 1 - ratio of its own weights
     spectrum = "spectrum"  # ranks minimizing the summed truncation loss of the method's spectra
     sensitivity = "sensitivity"  # ranks minimizing the summed task-loss increase, measured per layer (ASVD)
+    loss = "loss"  # ranks minimizing the method's truncation loss, normalized within each matrix type (SVD-LLM V2)
+
+
+class Update(Enum):
+    block = "block"  # after each block's closed form, Adam on its factors against the dense block's output
 
 
 class SpectrumLoss(Enum):
@@ -172,6 +177,11 @@ class CompressConfig:
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sensitivity_samples: int | None = None  # measure on the first N calibration samples; null = all of them
     sensitivity_seq_len: int | None = None  # LM: on the first L tokens of each; null = whole sequences
+    update: Update | None = None  # block: block-wise reconstruction of the factors after the closed form (LMs)
+    update_steps: int = 32  # Adam steps per decoder block, one calibration batch each
+    update_lr: float = 1e-4
+    update_holdout: float = 0.25  # fraction of the calibration batches held out of the update and scored
+    update_eval_every: int = 8  # score the held-out batches every N steps; the best iterate is kept
 
 
 @dataclass
@@ -199,6 +209,7 @@ class WandbConfig:
 @dataclass
 class CacheConfig:
     dense: bool = True  # reuse a dense model trained with the same model/data/train config and seed
+    statistics: bool = True  # keep a language model's dense calibration statistics (Grams, Fisher) for a sweep
     dir: str = "${oc.env:NNSVD_CACHE_DIR,outputs/cache}"
 
 

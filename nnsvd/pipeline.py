@@ -48,6 +48,7 @@ from nnsvd.lowrank import (
     CompressionReport,
     LayerReport,
     RankError,
+    StatisticsStoreError,
     SymmetricLowRankLinear,
     TargetError,
     factorized_layers,
@@ -160,7 +161,7 @@ def compress_label(c: Mapping, flow: str) -> str | None:
     parts = [] if comp["ratio"] is None else [f"ratio{comp['ratio']:g}", comp["allocation"]]
     if comp["method"] != "auto":
         seq = is_data_aware(comp["method"]) and c["calibration"]["sequential"]
-        parts.append(comp["method"] + ("+seq" if seq else ""))
+        parts.append(comp["method"] + ("+seq" if seq else "") + (f"+{comp['update']}" if comp["update"] else ""))
     return "-".join(parts) or None
 
 
@@ -678,7 +679,7 @@ def run_job(cfg: DictConfig) -> float | None:
         run_experiment(c, flow, source, run_dir, start, tracker, results)
         ok = True
         results["status"] = "ok"
-    except (NNSVDError, RankError, TargetError, CalibrationError, BudgetError) as exc:
+    except (NNSVDError, RankError, TargetError, CalibrationError, BudgetError, StatisticsStoreError) as exc:
         results["status"], results["error"] = "failed", str(exc)
     except Interrupted as exc:
         results["status"], results["error"] = "interrupted", str(exc)

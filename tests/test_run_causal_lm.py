@@ -126,6 +126,12 @@ def test_checkpoint_alone_reloads_a_causal_lm_run(env):
     (["model.name_or_path=CUSTOM"], "needs the custom code of its repository (trust_remote_code)"),
     (["model.name_or_path=LLAMA", "model.targets=[lm_head]", "compress.method=whiten"],
      "target 'lm_head' lies outside the decoder blocks (model.layers.N.…)"),
+    (["model.name_or_path=LLAMA", "compress.method=svd", "compress.update=block"],
+     "compress.update=block starts from a calibrated closed form: use a data-aware compress.method"),
+    (["model.name_or_path=LLAMA", "compress.method=whiten", "compress.update=block", "calibration.samples=4",
+      "calibration.batch_size=4"], "calibration.samples=4 with calibration.batch_size=4 makes 1; make at least 2"),
+    (["model.name_or_path=LLAMA", "compress.method=whiten", "compress.update=block", "compress.update_holdout=1.5"],
+     "compress.update_holdout=1.5 must lie in (0, 1)"),
 ])
 def test_bad_input_fails_with_one_line(env, args, match, tmp_path):
     custom = env["base"] / "models" / "custom"
@@ -211,3 +217,28 @@ def test_sigterm_after_training_stops_at_once_and_resume_does_not_train_again(en
     assert len(text) == 2 and "finetune step=" not in text[1]  # redone: the evaluation, not the training
     assert resumed["history"]["finetune"] == interrupted["history"]["finetune"]
     assert not (run_dir / "interrupted").exists()
+
+
+def test_block_update_and_loss_allocation_run_end_to_end_and_share_the_statistics(env):
+    """The new rows through run.py: the loss allocation meets the budget and stores the dense statistics,
+    which a second ratio reads back instead of calibrating; the block update never ends worse on its
+    held-out batch, and its checkpoint reloads to the same perplexity."""
+    args = [a for a in COMMON if a != "rank=4"] + [f"model.name_or_path={env['models']['llama']}"]
+    _, loss = cli(env, "llama_loss", *args, "+recipe=whiten_loss", "compress.ratio=0.5")
+    b = loss["compress"]["budget"]
+    assert loss["status"] == "ok" and b["allocation"] == "loss" and b["removed_targets"] >= 0.5
+    assert loss["compress"]["calibration"]["statistics_cached"] is False
+    _, again = cli(env, "llama_loss_40", *args, "+recipe=whiten_loss", "compress.ratio=0.4")
+    assert again["compress"]["calibration"]["statistics_cached"] is True
+    assert "calibration statistics of 14 target layers from the cache" in (env["base"] / "llama_loss_40" / "run.log").read_text()
+    assert again["compress"]["budget"]["removed_targets"] >= 0.4
+
+    _, r = cli(env, "llama_block", *args, "+recipe=whiten_block", "compress.ratio=0.5", "compress.update_steps=4",
+               "compress.update_eval_every=2")
+    update = r["compress"]["update"]
+    assert r["status"] == "ok" and update["method"] == "block" and update["steps"] == 4
+    assert [blk["block"] for blk in update["blocks"]] == [0, 1]
+    assert all(blk["holdout_best"] <= blk["holdout_start"] for blk in update["blocks"])
+    assert r["compress"]["calibration"]["sequential"] is True and r["compress"]["budget"]["removed_targets"] >= 0.5
+    _, reload = cli(env, "llama_block_reload", f"checkpoint={env['base'] / 'llama_block'}")
+    assert reload["metrics"]["test_ppl"] == r["metrics"]["test_ppl"]

@@ -12,7 +12,9 @@ One module per concept:
 - ``weighted``: data-aware truncated SVD, Ŵ = L⁻¹·trunc_r(L·W·R)·R⁻¹ (ASVD, whitening, FWSVD);
 - ``calibration``: the input statistics those methods weight by, collected with forward hooks
   (one Gram per distinct input), and the Fisher rows, collected with gradient hooks;
-- ``blockwise``: calibrated compression of a decoder-only transformer one block at a time;
+- ``blockwise``: calibrated compression of a decoder-only transformer one block at a time, and
+  block-wise reconstruction of the factors against the dense block's output;
+- ``stats_store``: calibration statistics kept on disk for the other jobs of a sweep;
 - ``methods``: the methods by name, and ``factorize`` (one method, one weight);
 - ``ranks``: which ranks save parameters;
 - ``allocation``, ``sensitivity``: per-layer ranks under a parameter budget (compress.ratio);
@@ -24,16 +26,20 @@ from nnsvd.lowrank.allocation import (
     BudgetError,
     Shape,
     greedy_allocation,
+    loss_allocation,
     spectrum_allocation,
     target_shapes,
     uniform_ranks,
 )
 from nnsvd.lowrank.blockwise import (
     BlockInputs,
+    BlockUpdate,
     MemoryEstimate,
     capture_block_inputs,
     compress_blockwise,
     decoder_blocks,
+    dense_block_statistics,
+    reconstruct_block,
     targets_by_block,
 )
 from nnsvd.lowrank.calibration import (
@@ -78,6 +84,7 @@ from nnsvd.lowrank.methods import (
 from nnsvd.lowrank.ranks import RankError, max_useful_rank, validate_rank
 from nnsvd.lowrank.report import CompressionReport, LayerReport
 from nnsvd.lowrank.sensitivity import measure_sensitivity, sensitivity_allocation
+from nnsvd.lowrank.stats_store import StatisticsStore, StatisticsStoreError
 from nnsvd.lowrank.surgery import (
     TargetError,
     compress_model,
@@ -103,19 +110,25 @@ __all__ = [
     "BudgetError",
     "Shape",
     "greedy_allocation",
+    "loss_allocation",
     "measure_sensitivity",
     "sensitivity_allocation",
     "spectrum_allocation",
     "target_shapes",
     "uniform_ranks",
     "BlockInputs",
+    "BlockUpdate",
     "FisherCollector",
     "MemoryEstimate",
     "capture_block_inputs",
     "collect_fisher",
     "compress_blockwise",
     "decoder_blocks",
+    "dense_block_statistics",
+    "reconstruct_block",
     "shared_input_groups",
+    "StatisticsStore",
+    "StatisticsStoreError",
     "targets_by_block",
     "DATA_AWARE_METHODS",
     "FACTORIZERS",

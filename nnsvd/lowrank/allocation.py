@@ -10,6 +10,8 @@ The allocations:
 - ``uniform``: every layer keeps the fraction 1 − ratio of its own weights,
   r_l = max(1, ⌊m_l·n_l·(1 − ratio)/(m_l + n_l)⌋). Each layer is within one rank step of its
   share, so the achieved fraction removed is ≥ ratio (unless the floor r = 1 binds).
+- ``loss_allocation`` (``loss``): each matrix type keeps its own share, split within the type by
+  the greedy minimizer of the summed truncation loss (SVD-LLM V2's grouping and loss).
 - ``greedy_allocation``: minimizes Σ_l loss_l(r_l) under the budget for per-layer loss curves
   with diminishing returns (the spectrum rule, with loss_l(r) = Σ_{i>r} σ_i² of the layer's
   plain or weighted spectrum, optionally divided by its total Σ_i σ_i²; and the sensitivity
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -226,3 +229,55 @@ def spectrum_allocation(
         sigma = spectrum(W, method, None if calibration is None else calibration.get(name))
         losses[name] = tail_losses(sigma.tolist(), normalized=normalized)
     return greedy_allocation(shapes, losses, budget(shapes, ratio))
+
+
+_BLOCK_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def matrix_type(name: str) -> str:
+    """The layer's matrix type: its name with the block indices starred
+    (``model.layers.3.self_attn.q_proj`` → ``model.layers.*.self_attn.q_proj``)."""
+    return _BLOCK_INDEX.sub(".*", name)
+
+
+def loss_allocation(
+    model: nn.Module,
+    shapes: Mapping[str, Shape],
+    ratio: float,
+    *,
+    method: str | Factorizer = "auto",
+    calibration: Mapping[str, object] | None = None,
+) -> dict[str, int]:
+    """The loss rule, after SVD-LLM V2: each matrix type (all q_proj, all down_proj, …) keeps its
+    own share 1 − ratio of its weights, and within a type the ranks minimize the summed truncation
+    loss Σ_l Σ_{i>r_l} σ_i² of the spectra the method truncates (for whitening σ(W·C) with
+    C·Cᵀ = XᵀX, so the loss is the layer's output error ‖(W − Ŵ)·Xᵀ‖²_F on the calibration data).
+
+    SVD-LLM V2 splits a type's ratio by a closed form in 1/log L_l of each layer's loss at the
+    uniform ratio; here the split is the exact minimizer of the type's summed loss (greedy_allocation
+    on the type's own budget). Types are budgeted apart because their losses are on different
+    scales: a sum across types would trade them by scale, not by harm.
+    """
+    losses = {}
+    for name in shapes:
+        W, _ = linear_weight(model.get_submodule(name))
+        sigma = spectrum(W, method, None if calibration is None else calibration.get(name))
+        losses[name] = tail_losses(sigma.tolist(), normalized=False)
+    keep = 1 - check_ratio(ratio)
+    types: dict[str, list[str]] = {}
+    for name in shapes:
+        types.setdefault(matrix_type(name), []).append(name)
+    ranks: dict[str, int] = {}
+    for names in types.values():
+        group = {name: shapes[name] for name in names}
+        total = math.floor(keep * sum(s.weights for s in group.values()))
+        if kept(group, dict.fromkeys(group, 1)) > total:  # a tiny type: rank 1 already exceeds its share
+            ranks.update(uniform_ranks(group, ratio))
+            continue
+        ranks.update(greedy_allocation(group, {name: losses[name] for name in names}, total))
+    if kept(shapes, ranks) > budget(shapes, ratio):
+        raise BudgetError(
+            f"compress.allocation=loss budgets each matrix type apart, and at compress.ratio={ratio} rank 1 of some "
+            "type already keeps more than its share; lower compress.ratio or use compress.allocation=spectrum"
+        )
+    return {name: ranks[name] for name in shapes}

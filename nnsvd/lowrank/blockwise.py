@@ -33,6 +33,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,10 +50,11 @@ from nnsvd.lowrank.calibration import (
     shared_input_groups,
     stats_nbytes,
 )
-from nnsvd.lowrank.factorize import Factorizer
+from nnsvd.lowrank.factorize import Factorizer, work_device
 from nnsvd.lowrank.layers import linear_weight
 from nnsvd.lowrank.progress import Progress
 from nnsvd.lowrank.report import CompressionReport
+from nnsvd.lowrank.stats_store import StatisticsStore
 from nnsvd.lowrank.surgery import TargetError, compress_model, plan_compression
 
 log = logging.getLogger(__name__)
@@ -189,10 +191,14 @@ class BlockInputs:
 
     def run(self, block: nn.Module, j: int) -> Tensor:
         """The block's output (its hidden states) on batch j."""
+        return self.run_on(block, self.hidden[j], j)
+
+    def run_on(self, block: nn.Module, hidden: Tensor, j: int) -> Tensor:
+        """The block's output on ``hidden`` with batch j's other arguments (no KV cache among them)."""
         if self.hidden_key is None:
-            out = block(self.hidden[j], *self.args[j], **self.kwargs[j])
+            out = block(hidden, *self.args[j], **self.kwargs[j])
         else:
-            out = block(*self.args[j], **{self.hidden_key: self.hidden[j]}, **self.kwargs[j])
+            out = block(*self.args[j], **{self.hidden_key: hidden}, **self.kwargs[j])
         return out[0] if isinstance(out, tuple | list) else out
 
     def hidden_nbytes(self) -> int:
@@ -273,10 +279,11 @@ class MemoryEstimate:
     factorization: int  # whitening's float64 working set on the largest target (see _factorization_nbytes)
     distinct_inputs: int  # Grams in the largest block
     block_targets: int  # targets in the largest block
+    update: int = 0  # compress.update=block: the dense stream and its outputs beside the compressed one, + autograd
 
     @property
     def total(self) -> int:
-        return self.statistics + self.activations + self.arguments + self.fisher + self.factorization
+        return self.statistics + self.activations + self.arguments + self.fisher + self.factorization + self.update
 
     def describe(self) -> str:
         return (
@@ -285,6 +292,8 @@ class MemoryEstimate:
             f"activations {_size(self.activations)} + block arguments {_size(self.arguments)}"
             + (f" + Fisher rows {_size(self.fisher)}" if self.fisher else "")
             + f" + factorizing one layer ≈ {_size(self.factorization)}"
+            + (f" + block-wise reconstruction (dense stream, its outputs, one batch's gradients) {_size(self.update)}"
+               if self.update else "")
         )
 
 
@@ -311,6 +320,29 @@ def _factorization_nbytes(model: nn.Module, names: Iterable[str]) -> int:
 # -------------------------------------------------------------------------------- the flow
 
 
+@dataclass(frozen=True)
+class BlockUpdate:
+    """Block-wise reconstruction after the closed form (``compress.update=block``).
+
+    Adam on the block's factors only, minimizing the block-output error
+    ‖block_c(h̃) − block_d(h)‖² / ‖block_d(h)‖² over the training batches, where h is the dense
+    stream's input to the block and h̃ the compressed stream's (BRECQ's and OmniQuant's objective
+    for quantization). ``holdout`` of the calibration batches (the last ones) are left out of the
+    training and scored every ``eval_every`` steps; the best iterate on them is kept, so a block
+    never ends worse on held-out tokens than its closed form. ``steps=0`` leaves the closed form.
+    """
+
+    steps: int = 32
+    lr: float = 1e-4
+    holdout: float = 0.25
+    eval_every: int = 8
+
+    def split(self, count: int) -> tuple[list[int], list[int]]:
+        """(training, held-out) batch indices: the last ⌈holdout·count⌉ batches held out."""
+        held = min(count - 1, max(1, round(self.holdout * count))) if self.holdout > 0 else 0
+        return list(range(count - held)), list(range(count - held, count))
+
+
 def compress_blockwise(
     model: nn.Module,
     targets: Iterable[str],
@@ -323,12 +355,20 @@ def compress_blockwise(
     fisher: bool = False,
     allow_full_rank: bool = False,
     blocks: str | None = None,
+    store: StatisticsStore | None = None,
+    update: BlockUpdate | None = None,
 ) -> CompressionReport:
     """Calibrate and compress the targets one decoder block at a time (see the module docstring).
 
     Same arguments and result as ``compress_with_calibration``; ``rank`` is one rank or a
     {pattern or layer name: rank} mapping. ``blocks`` names the ModuleList of decoder blocks
     (default: ``decoder_blocks(model)``); every target must lie inside one of them.
+
+    ``store`` keeps the dense model's statistics (and Fisher rows) on disk, keyed by the caller:
+    where it holds every block's, no forward pass runs at all. It is read and written only where
+    the statistics are the dense stream's (not ``sequential``). ``update`` trains each block's
+    factors after its closed form (see BlockUpdate); it runs both streams, the dense and the
+    compressed, and records per block the held-out error before and after in ``report.blocks``.
     """
     batches = list(batches)
     if not batches:
@@ -341,33 +381,48 @@ def compress_blockwise(
     per_block = targets_by_block(names, blocks, len(layers))
     ranks = {name: r for name, _, r, _ in plan}  # validated: each block's layers get exactly these
     del plan  # it holds the dense layers, which must go as they are replaced
+    if update is not None and update.steps > 0 and update.split(len(batches))[1] == []:
+        raise ValueError(f"block-wise reconstruction holds out calibration batches: it needs ≥ 2, got {len(batches)}")
+    dense_stats = not sequential and store is not None
+    parts = [f"block{k}" for k, block_names in enumerate(per_block) if block_names]
 
     was_training = model.training
     model.eval()
     report = CompressionReport()
     try:
         with _without_kv_cache(model):
-            fisher_rows = collect_fisher(model, names, batches, loss_fn) if fisher else {}
+            fisher_rows = _fisher(model, names, batches, loss_fn, store) if fisher else {}
+            if dense_stats and update is None and all(store.has(part) for part in parts):
+                return _compress_from_store(model, per_block, store, ranks, fisher_rows, method=method,
+                                            allow_full_rank=allow_full_rank, blocks=blocks)
             inputs = capture_block_inputs(model, layers[0], batches, loss_fn)
             groups = [
                 shared_input_groups(model, block_names, lambda block=block: inputs.run(block, 0)) if block_names else []
                 for block, block_names in zip(layers, per_block)
             ]
             _release_freed_memory()
-            estimate = estimate_memory(model, per_block, groups, inputs, fisher_rows)
+            estimate = estimate_memory(model, per_block, groups, inputs, fisher_rows, update=update is not None)
             log.info(
                 "calibration: %d batches (%d tokens), %d target layers in %d stage(s), one decoder block (%s.N) at a "
-                "time%s; peak memory estimate %s",
+                "time%s%s; peak memory estimate %s",
                 len(batches), inputs.tokens(), len(names), sum(1 for b in per_block if b), blocks,
-                ", each calibrated on the compressed blocks before it" if sequential else "", estimate.describe(),
+                ", each calibrated on the compressed blocks before it" if sequential else "",
+                f", then {update.steps} Adam steps per block on its output error" if update else "",
+                estimate.describe(),
             )
             report.memory_estimate = estimate.total
+            dense_hidden = list(inputs.hidden) if update is not None else None  # the dense stream (shared at first)
             with Progress("calibrating and compressing", len(layers), "blocks", log, rate_unit="tokens") as p:
-                for block, block_names, block_groups in zip(layers, per_block, groups):
-                    report.layers += _compress_block(
+                for k, (block, block_names, block_groups) in enumerate(zip(layers, per_block, groups)):
+                    part = f"block{k}" if dense_stats and block_names else None
+                    block_report, report_block = _compress_block(
                         model, block, block_names, block_groups, inputs, ranks, fisher_rows, method=method,
-                        sequential=sequential, allow_full_rank=allow_full_rank,
-                    ).layers
+                        sequential=sequential, allow_full_rank=allow_full_rank, dense_hidden=dense_hidden,
+                        update=update, store=store if part else None, part=part,
+                    )
+                    report.layers += block_report.layers
+                    if report_block is not None:
+                        report.blocks.append({"block": k, **report_block})
                     _release_freed_memory()
                     p.update(1, inputs.tokens())
     finally:
@@ -375,26 +430,134 @@ def compress_blockwise(
     return report
 
 
+def _fisher(model: nn.Module, names: list[str], batches: list, loss_fn: LossFn, store) -> dict[str, Tensor]:
+    """Every target's Fisher rows: from the store where it has them, else one backward pass per batch."""
+    if store is not None and store.has_fisher():
+        rows = store.load_fisher()
+        if set(rows) == set(names):
+            log.info("Fisher rows from the statistics cache %s", store.root)
+            return rows
+    rows = collect_fisher(model, names, batches, loss_fn)
+    if store is not None:
+        store.save_fisher(rows)
+    return rows
+
+
+def _compress_from_store(
+    model: nn.Module, per_block: list[list[str]], store: StatisticsStore, ranks: Mapping[str, int],
+    fisher_rows: Mapping[str, Tensor], *, method, allow_full_rank: bool, blocks: str,
+) -> CompressionReport:
+    """Every block's dense statistics from the store, one block at a time: no forward pass."""
+    log.info("calibration statistics of %d target layers from the cache %s (one decoder block, %s.N, at a time)",
+             sum(map(len, per_block)), store.root, blocks)
+    report = CompressionReport()
+    nbytes = 0
+    with Progress("compressing from cached statistics", len(per_block), "blocks", log) as p:
+        for k, block_names in enumerate(per_block):
+            if block_names:
+                device = work_device(linear_weight(model.get_submodule(block_names[0]))[0])
+                stats = store.load(f"block{k}", device=device)
+                nbytes = max(nbytes, sum({id(s.inputs): s.gram.numel() * 8 for s in stats.values()}.values()))
+                for name in block_names:
+                    stats[name].fisher = fisher_rows.get(name)
+                    report.layers += compress_model(
+                        model, [name], {name: ranks[name]}, method=method, allow_full_rank=allow_full_rank,
+                        calibration={name: stats.pop(name)},
+                    ).layers
+                    _release_freed_memory()
+            p.update(1)
+    report.memory_estimate = nbytes + _factorization_nbytes(model, [n for names in per_block for n in names])
+    return report
+
+
+def dense_block_statistics(
+    model: nn.Module, names: Sequence[str], batches: Sequence, loss_fn: LossFn, *, fisher: bool = False,
+    blocks: str | None = None, store: StatisticsStore | None = None,
+) -> dict[str, LayerStats]:
+    """Every target's statistics on the dense model, collected one decoder block at a time (the
+    statistics ``compress_blockwise`` compresses from), held all at once: what an allocation that
+    reads every layer's spectrum needs. From ``store`` where it holds them; written to it otherwise."""
+    batches = list(batches)
+    blocks = decoder_blocks(model) if blocks is None else blocks
+    layers = model.get_submodule(blocks)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    names = sorted(names, key=order.__getitem__)
+    per_block = targets_by_block(names, blocks, len(layers))
+    parts = {k: f"block{k}" for k, block_names in enumerate(per_block) if block_names}
+    was_training = model.training
+    model.eval()
+    try:
+        with _without_kv_cache(model):
+            fisher_rows = _fisher(model, names, batches, loss_fn, store) if fisher else {}
+            stats: dict[str, LayerStats] = {}
+            if store is not None and all(store.has(part) for part in parts.values()):
+                log.info("calibration statistics of %d target layers from the cache %s", len(names), store.root)
+                for part in parts.values():
+                    stats.update(store.load(part))
+            else:
+                inputs = capture_block_inputs(model, layers[0], batches, loss_fn)
+                with torch.no_grad(), Progress("collecting statistics", len(layers), "blocks", log) as p:
+                    for k, (block, block_names) in enumerate(zip(layers, per_block)):
+                        if block_names:
+                            groups = shared_input_groups(model, block_names, lambda block=block: inputs.run(block, 0))
+                            collector = StatsCollector(model, block_names, groups=groups)
+                            with collector:
+                                for j in range(len(inputs)):
+                                    inputs.hidden[j] = inputs.run(block, j)
+                            if store is not None:
+                                store.save(parts[k], collector.stats)
+                            stats.update(collector.stats)
+                        else:
+                            for j in range(len(inputs)):
+                                inputs.hidden[j] = inputs.run(block, j)
+                        p.update(1)
+                del inputs
+    finally:
+        model.train(was_training)
+    for name in stats:
+        stats[name].fisher = fisher_rows.get(name)
+    return {name: stats[name] for name in names}
+
+
 def _compress_block(
     model: nn.Module, block: nn.Module, names: list[str], groups: list[list[str]], inputs: BlockInputs,
     ranks: Mapping[str, int], fisher_rows: Mapping[str, Tensor], *, method, sequential: bool, allow_full_rank: bool,
-) -> CompressionReport:
-    """Collect one block's statistics on ``inputs``, compress its targets, and move ``inputs`` on to
-    the next block (the dense outputs, or with ``sequential`` the compressed block's)."""
+    dense_hidden: list[Tensor] | None = None, update: BlockUpdate | None = None,
+    store: StatisticsStore | None = None, part: str | None = None,
+) -> tuple[CompressionReport, dict | None]:
+    """Collect one block's statistics, compress its targets, optionally train its factors on the
+    block-output error, and move the streams on to the next block.
+
+    ``inputs.hidden`` is the stream the next block reads: the dense one (the default), or with
+    ``sequential`` the compressed one. With ``update``, ``dense_hidden`` carries the dense stream
+    beside it (statistics from it unless ``sequential``) and ``inputs.hidden`` is the compressed one.
+    """
+    count = len(inputs)
+    two_streams = dense_hidden is not None
     with torch.no_grad():
         if not names:
-            for j in range(len(inputs)):
+            for j in range(count):
                 inputs.hidden[j] = inputs.run(block, j)
-            return CompressionReport()
+                if two_streams:
+                    dense_hidden[j] = inputs.run_on(block, dense_hidden[j], j)
+            return CompressionReport(), None
         collector = StatsCollector(model, names, groups=groups)
-        with collector:
-            for j in range(len(inputs)):
-                out = inputs.run(block, j)
-                if not sequential:
-                    inputs.hidden[j] = out
-                del out
+        dense_out: list[Tensor] = []
+        if two_streams:
+            # the dense block's outputs on the dense stream: the targets of the update, the next dense inputs
+            with collector if not sequential else _nothing():
+                dense_out = [inputs.run_on(block, dense_hidden[j], j) for j in range(count)]
+        if not two_streams or sequential:
+            with collector:
+                for j in range(count):
+                    out = inputs.run(block, j)
+                    if not sequential:
+                        inputs.hidden[j] = out
+                    del out
         stats: dict[str, LayerStats] = collector.stats
         del collector
+        if store is not None and part is not None:
+            store.save(part, stats)
         _release_freed_memory()  # the block's forward temporaries, before the factorizations' working sets
         report = CompressionReport()
         for name in names:  # one layer at a time: its dense weight and its working set are freed before the next
@@ -404,21 +567,111 @@ def _compress_block(
                 calibration={name: stats.pop(name)},
             ).layers
             _release_freed_memory()
-        if sequential:
-            for j in range(len(inputs)):
+    record = None
+    if update is not None:
+        record = reconstruct_block(block, [model.get_submodule(n) for n in names], inputs, dense_out, update)
+    with torch.no_grad():
+        if sequential or two_streams:
+            for j in range(count):
                 inputs.hidden[j] = inputs.run(block, j)
-    return report
+        if two_streams:
+            for j in range(count):
+                dense_hidden[j] = dense_out[j]
+    return report, record
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _relative_error(block: nn.Module, inputs: BlockInputs, targets: Sequence[Tensor], indices: Sequence[int]) -> float:
+    """Σ_j ‖block(h̃_j) − y_j‖² / Σ_j ‖y_j‖² over the batches ``indices``, in float64."""
+    err = norm = 0.0
+    with torch.no_grad():
+        for j in indices:
+            out = inputs.run(block, j)
+            err += float((out.double() - targets[j].double()).square().sum())
+            norm += float(targets[j].double().square().sum())
+    return err / max(norm, 1e-300)
+
+
+def reconstruct_block(
+    block: nn.Module, factorized: Sequence[nn.Module], inputs: BlockInputs, targets: Sequence[Tensor],
+    update: BlockUpdate,
+) -> dict:
+    """Train the factors of ``factorized`` (the block's compressed layers) with Adam on the block's
+    relative output error ‖block(h̃) − y‖²/‖y‖² over the training batches; keep the iterate that is
+    best on the held-out batches (the closed form is step 0, so the result is never worse there).
+
+    Returns the record: held-out error at the start and at the best step, that step, and the
+    training loss of the first and last steps.
+    """
+    train, held = update.split(len(inputs))
+    start = _relative_error(block, inputs, targets, held) if held else None
+    out = {"holdout_start": start, "holdout_best": start, "best_step": 0, "steps": update.steps,
+           "train_first": None, "train_last": None}
+    if update.steps <= 0 or not held:
+        return out
+    params = [p for module in factorized for p in module.parameters()]
+    saved = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    best = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=update.lr)
+    try:
+        with torch.enable_grad():
+            for step in range(1, update.steps + 1):
+                j = train[(step - 1) % len(train)]
+                y = targets[j]
+                loss = (inputs.run(block, j) - y).square().sum() / y.square().sum().clamp_min(1e-30)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    log.warning("block-wise reconstruction diverged at step %d (loss %s): keeping step %d",
+                                step, value, out["best_step"])
+                    break
+                out["train_first"] = value if out["train_first"] is None else out["train_first"]
+                out["train_last"] = value
+                if step % update.eval_every == 0 or step == update.steps:
+                    held_err = _relative_error(block, inputs, targets, held)
+                    if held_err < out["holdout_best"]:
+                        out["holdout_best"], out["best_step"] = held_err, step
+                        best = [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    log.info("block-wise reconstruction: held-out output error %.4g → %.4g (best at step %d of %d; training loss "
+             "%.4g → %.4g)", out["holdout_start"], out["holdout_best"], out["best_step"], update.steps,
+             out["train_first"] or float("nan"), out["train_last"] or float("nan"))
+    return out
 
 
 def estimate_memory(
     model: nn.Module, per_block: Sequence[Sequence[str]], groups: Sequence[Sequence[Sequence[str]]],
-    inputs: BlockInputs, fisher_rows: Mapping[str, Tensor],
+    inputs: BlockInputs, fisher_rows: Mapping[str, Tensor], *, update: bool = False,
 ) -> MemoryEstimate:
     """The peak extra memory of block-by-block calibration, from shapes (see MemoryEstimate)."""
     sizes = [
         (stats_nbytes(model, names, groups=g), len(g), len(names)) for names, g in zip(per_block, groups) if names
     ]
     statistics, distinct, count = max(sizes, default=(0, 0, 0))
+    extra = 0
+    if update and inputs.hidden:
+        # two more streams of hidden states (the dense inputs and the dense block's outputs), and for one
+        # batch autograd's saved inputs and outputs of every target in the largest block, with their gradients
+        batch_tokens = max(h.numel() // h.shape[-1] for h in inputs.hidden)
+        per_token = max((sum(sum(linear_weight(model.get_submodule(n))[0].shape) for n in names)
+                         for names in per_block if names), default=0)
+        extra = 2 * inputs.hidden_nbytes() + 2 * batch_tokens * per_token * inputs.hidden[0].element_size()
     return MemoryEstimate(
         statistics=statistics,
         activations=inputs.hidden_nbytes(),
@@ -427,4 +680,5 @@ def estimate_memory(
         factorization=_factorization_nbytes(model, [n for names in per_block for n in names]),
         distinct_inputs=distinct,
         block_targets=count,
+        update=extra,
     )

@@ -31,6 +31,8 @@ class LayerReport:
 class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     memory_estimate: int | None = None  # block-by-block calibration: estimated peak bytes beyond the model
+    statistics_cached: bool = False  # the calibration statistics were read from a StatisticsStore
+    blocks: list[dict] = field(default_factory=list)  # compress.update=block: each block's held-out error, before/after
 
     @property
     def params_before(self) -> int:

@@ -12,7 +12,7 @@ from nnsvd.summary.reference import draw_reference
 from nnsvd.summary.rows import METRIC_STYLES, METRICS
 from nnsvd.summary.table import number
 
-LINESTYLES = {"uniform": "-", "spectrum": "--", "sensitivity": ":"}
+LINESTYLES = {"uniform": "-", "spectrum": "--", "sensitivity": ":", "loss": "-."}
 RATIO_LABEL = "compress.ratio: fraction of the target layers' weights removed (requested)"
 
 

@@ -27,7 +27,7 @@ COLUMNS = [
     "model",
     "mode",
     "rank",
-    "method",  # compress.method of a compress job (with "+seq" when calibrated sequentially)
+    "method",  # compress.method of a compress job (with "+seq" when calibrated sequentially, "+block" when updated)
     "allocation",  # compress.allocation of a job sized by compress.ratio
     "ratio",  # compress.ratio requested: the fraction of the target layers' weights removed
     "removed",  # the fraction of the target layers' weights removed, achieved
@@ -115,11 +115,13 @@ def job_row(job_dir: Path) -> dict:
 
 
 def _method_label(compress: dict | None) -> str | None:
-    """The compression method of a job, e.g. "whiten" or "whiten+seq"; None for dense and scratch jobs."""
+    """The compression method of a job, e.g. "whiten", "whiten+seq" or "whiten+seq+block" (with a block-wise
+    update); None for dense and scratch jobs."""
     if not compress:
         return None
     calibration = compress.get("calibration") or {}
-    return compress.get("method") + ("+seq" if calibration.get("sequential") else "")
+    update = (compress.get("update") or {}).get("method")
+    return compress.get("method") + ("+seq" if calibration.get("sequential") else "") + (f"+{update}" if update else "")
 
 
 def _overrides(job_dir: Path, results: dict | None) -> list[str]:

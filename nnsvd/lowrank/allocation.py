@@ -223,12 +223,21 @@ def spectrum_allocation(
     the tail Σ_{i>r} σ_i² of the spectrum the method truncates (σ(W) for plain SVD, σ(L·W·R) for a
     data-aware method, so the loss is the method's own error), divided by the layer's total Σ σ_i²
     when ``normalized`` (every layer then weighs the same, whatever its scale)."""
-    losses = {}
+    losses = method_tails(model, shapes, method, calibration, normalized=normalized)
+    return greedy_allocation(shapes, losses, budget(shapes, ratio))
+
+
+def method_tails(
+    model: nn.Module, shapes: Mapping[str, Shape], method: str | Factorizer,
+    calibration: Mapping[str, object] | None, *, normalized: bool,
+) -> dict[str, list[float]]:
+    """{layer: tail_losses of the spectrum the method truncates}: one (weighted) SVD per layer."""
+    tails = {}
     for name in shapes:
         W, _ = linear_weight(model.get_submodule(name))
         sigma = spectrum(W, method, None if calibration is None else calibration.get(name))
-        losses[name] = tail_losses(sigma.tolist(), normalized=normalized)
-    return greedy_allocation(shapes, losses, budget(shapes, ratio))
+        tails[name] = tail_losses(sigma.tolist(), normalized=normalized)
+    return tails
 
 
 _BLOCK_INDEX = re.compile(r"\.\d+(?=\.|$)")
@@ -258,11 +267,7 @@ def loss_allocation(
     on the type's own budget). Types are budgeted apart because their losses are on different
     scales: a sum across types would trade them by scale, not by harm.
     """
-    losses = {}
-    for name in shapes:
-        W, _ = linear_weight(model.get_submodule(name))
-        sigma = spectrum(W, method, None if calibration is None else calibration.get(name))
-        losses[name] = tail_losses(sigma.tolist(), normalized=False)
+    losses = method_tails(model, shapes, method, calibration, normalized=False)
     keep = 1 - check_ratio(ratio)
     types: dict[str, list[str]] = {}
     for name in shapes:

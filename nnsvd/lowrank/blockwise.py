@@ -458,13 +458,8 @@ def _compress_from_store(
                 device = work_device(linear_weight(model.get_submodule(block_names[0]))[0])
                 stats = store.load(f"block{k}", device=device)
                 nbytes = max(nbytes, sum({id(s.inputs): s.gram.numel() * 8 for s in stats.values()}.values()))
-                for name in block_names:
-                    stats[name].fisher = fisher_rows.get(name)
-                    report.layers += compress_model(
-                        model, [name], {name: ranks[name]}, method=method, allow_full_rank=allow_full_rank,
-                        calibration={name: stats.pop(name)},
-                    ).layers
-                    _release_freed_memory()
+                report.layers += _factorize_layers(model, block_names, stats, ranks, fisher_rows, method=method,
+                                                   allow_full_rank=allow_full_rank).layers
             p.update(1)
     report.memory_estimate = nbytes + _factorization_nbytes(model, [n for names in per_block for n in names])
     return report
@@ -559,14 +554,8 @@ def _compress_block(
         if store is not None and part is not None:
             store.save(part, stats)
         _release_freed_memory()  # the block's forward temporaries, before the factorizations' working sets
-        report = CompressionReport()
-        for name in names:  # one layer at a time: its dense weight and its working set are freed before the next
-            stats[name].fisher = fisher_rows.get(name)
-            report.layers += compress_model(
-                model, [name], {name: ranks[name]}, method=method, allow_full_rank=allow_full_rank,
-                calibration={name: stats.pop(name)},
-            ).layers
-            _release_freed_memory()
+        report = _factorize_layers(model, names, stats, ranks, fisher_rows, method=method,
+                                   allow_full_rank=allow_full_rank)
     record = None
     if update is not None:
         record = reconstruct_block(block, [model.get_submodule(n) for n in names], inputs, dense_out, update)
@@ -578,6 +567,23 @@ def _compress_block(
             for j in range(count):
                 dense_hidden[j] = dense_out[j]
     return report, record
+
+
+def _factorize_layers(
+    model: nn.Module, names: Sequence[str], stats: dict[str, LayerStats], ranks: Mapping[str, int],
+    fisher_rows: Mapping[str, Tensor], *, method, allow_full_rank: bool,
+) -> CompressionReport:
+    """Compress the named layers from their statistics, one layer at a time: each layer's dense
+    weight, statistics and working set are freed before the next (``stats`` is emptied)."""
+    report = CompressionReport()
+    for name in names:
+        stats[name].fisher = fisher_rows.get(name)
+        report.layers += compress_model(
+            model, [name], {name: ranks[name]}, method=method, allow_full_rank=allow_full_rank,
+            calibration={name: stats.pop(name)},
+        ).layers
+        _release_freed_memory()
+    return report
 
 
 @contextmanager

@@ -151,8 +151,11 @@ def checkpoint_kind(directory: Path) -> str | None:
     if (directory / STRUCTURE).is_file():
         return "mlp"
     if (directory / GPT2_CONFIG).is_file() and (directory / GPT2_LAYERS).is_file():
+        # imported here: transformers is needed for a Hugging Face folder only
+        from nnsvd.models.hf_checkpoint import base_config_dict
+
         try:
-            model_type = json.loads((directory / GPT2_CONFIG).read_text()).get("model_type")
+            model_type = base_config_dict(json.loads((directory / GPT2_CONFIG).read_text())).get("model_type")
         except (OSError, ValueError, AttributeError):
             model_type = None  # unreadable: loading it says so
         return "gpt2" if model_type == "gpt2" else "causal_lm"

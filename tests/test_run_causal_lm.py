@@ -223,7 +223,9 @@ def test_block_update_and_loss_allocation_run_end_to_end_and_share_the_statistic
     """The new rows through run.py: the loss allocation meets the budget and stores the dense statistics,
     which a second ratio reads back instead of calibrating; the block update never ends worse on its
     held-out batch, and its checkpoint reloads to the same perplexity."""
-    args = [a for a in COMMON if a != "rank=4"] + [f"model.name_or_path={env['models']['llama']}"]
+    # 8 calibration samples: batches no other test here uses, so the first run measures its statistics
+    args = [a for a in COMMON if a not in ("rank=4", "calibration.samples=6")] + [
+        f"model.name_or_path={env['models']['llama']}", "calibration.samples=8"]
     _, loss = cli(env, "llama_loss", *args, "+recipe=whiten_loss", "compress.ratio=0.5")
     b = loss["compress"]["budget"]
     assert loss["status"] == "ok" and b["allocation"] == "loss" and b["removed_targets"] >= 0.5

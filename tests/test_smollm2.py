@@ -136,11 +136,33 @@ def test_whitening_beats_plain_svd_and_reloads_exactly(env, dense, whitened):
     # the saved directory is an ordinary causal-LM checkpoint, with identical logits on reload
     model, _ = causal_lm.load_compressed(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert "quantization_config" not in config and config["model_type"] == "nnsvd"
+    assert config["nnsvd_base_model_type"] == "llama" and len(config["nnsvd_layers"]) == 70
     ids = env["tokenizer"]("The capital of France is", return_tensors="pt").input_ids
     twice, _ = causal_lm.load_compressed(run_dir)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, twice(ids).logits)
+
+
+def test_the_compressed_smollm2_opens_in_plain_transformers_without_nnsvd(env, whitened, tmp_path):
+    """The run directory through AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) in an
+    interpreter that cannot import nnsvd: the same logits and the same greedy continuation, bit for bit."""
+    from safetensors.torch import save_file
+    from test_hf_remote import run_isolated
+
+    run_dir = env["base"] / "whiten"
+    ours, _ = causal_lm.load_compressed(run_dir)
+    ids = env["tokenizer"]("The capital of France is known for", return_tensors="pt").input_ids
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({"ids": ids}, out / "ids.safetensors")
+    report, theirs = run_isolated(run_dir, out, tmp_path)
+    assert report["nnsvd_loaded"] is False and report["class"] == "LlamaForCausalLM"
+    assert "trust_remote_code" in report["plain"]  # without it: an error, not random weights
+    with torch.no_grad():
+        assert torch.equal(theirs["logits"], ours(ids).logits)
+        generated = ours.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(theirs["generated"], generated)
 
 
 def gguf_header(architecture: str) -> bytes:

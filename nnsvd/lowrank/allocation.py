@@ -10,8 +10,8 @@ The allocations:
 - ``uniform``: every layer keeps the fraction 1 − ratio of its own weights,
   r_l = max(1, ⌊m_l·n_l·(1 − ratio)/(m_l + n_l)⌋). Each layer is within one rank step of its
   share, so the achieved fraction removed is ≥ ratio (unless the floor r = 1 binds).
-- ``loss_allocation`` (``loss``): each matrix type keeps its own share, split within the type by
-  the greedy minimizer of the summed truncation loss (SVD-LLM V2's grouping and loss).
+- ``loss_allocation`` (``loss``): SVD-LLM V2's rule: each matrix type keeps its own share, split
+  within the type in proportion to 1/log of each layer's truncation loss at the uniform rank.
 - ``greedy_allocation``: minimizes Σ_l loss_l(r_l) under the budget for per-layer loss curves
   with diminishing returns (the spectrum rule, with loss_l(r) = Σ_{i>r} σ_i² of the layer's
   plain or weighted spectrum, optionally divided by its total Σ_i σ_i²; and the sensitivity
@@ -257,29 +257,48 @@ def loss_allocation(
     method: str | Factorizer = "auto",
     calibration: Mapping[str, object] | None = None,
 ) -> dict[str, int]:
-    """The loss rule, after SVD-LLM V2: each matrix type (all q_proj, all down_proj, …) keeps its
-    own share 1 − ratio of its weights, and within a type the ranks minimize the summed truncation
-    loss Σ_l Σ_{i>r_l} σ_i² of the spectra the method truncates (for whitening σ(W·C) with
-    C·Cᵀ = XᵀX, so the loss is the layer's output error ‖(W − Ŵ)·Xᵀ‖²_F on the calibration data).
+    """The loss rule of SVD-LLM V2: each matrix type G (all q_proj, all down_proj, …) removes the
+    fraction ``ratio`` of its weights, shared out within the type by each layer's theoretical
+    truncation loss at the uniform rank, L_l = (Σ_{i>r} σ_i²)^½ of the spectrum the method truncates
+    (for whitening σ(W·C) with C·Cᵀ = XᵀX, so L_l = ‖(W − Ŵ)·Xᵀ‖_F on the calibration data):
 
-    SVD-LLM V2 splits a type's ratio by a closed form in 1/log L_l of each layer's loss at the
-    uniform ratio; here the split is the exact minimizer of the type's summed loss (greedy_allocation
-    on the type's own budget). Types are budgeted apart because their losses are on different
-    scales: a sum across types would trade them by scale, not by harm.
+        R_l = |G| · ratio · (1/log L_l) / Σ_{j∈G} (1/log L_j)
+
+    A layer with a larger loss removes less. The logarithm is the point: it compresses losses that
+    span orders of magnitude (a block with a massive activation has a loss 10²–10³ times the others),
+    where the exact minimizer of the type's summed loss gives such a block nearly all the rank and
+    starves the rest (measured on SmolLM2: far worse than uniform). Where some L_l ≤ e the losses are
+    rescaled so that the smallest is e (the formula needs log L > 0; only its units change).
+
+    Ranks are ⌊m·n·(1 − R_l)/(m + n)⌋ within [1, the largest useful rank]; where clamping or rounding
+    leaves a type over its own budget, the layer furthest above its share loses a rank until it fits.
     """
-    losses = method_tails(model, shapes, method, calibration, normalized=False)
-    keep = 1 - check_ratio(ratio)
+    tails = method_tails(model, shapes, method, calibration, normalized=False)
+    uniform = uniform_ranks(shapes, ratio)
     types: dict[str, list[str]] = {}
     for name in shapes:
         types.setdefault(matrix_type(name), []).append(name)
     ranks: dict[str, int] = {}
     for names in types.values():
         group = {name: shapes[name] for name in names}
-        total = math.floor(keep * sum(s.weights for s in group.values()))
-        if kept(group, dict.fromkeys(group, 1)) > total:  # a tiny type: rank 1 already exceeds its share
-            ranks.update(uniform_ranks(group, ratio))
-            continue
-        ranks.update(greedy_allocation(group, {name: losses[name] for name in names}, total))
+        losses = {name: math.sqrt(max(tails[name][uniform[name]], 0.0)) for name in names}
+        floor = min(losses.values())
+        if floor <= math.e:
+            scale = math.e / floor if floor > 0 else math.inf
+            losses = {n: (loss * scale if floor > 0 else math.e + loss) for n, loss in losses.items()}
+        inverse = {name: 1.0 / math.log(loss) for name, loss in losses.items()}
+        mean = sum(inverse.values()) / len(inverse)
+        for name in names:
+            s = group[name]
+            removed = min(ratio * inverse[name] / mean, 1.0)
+            ranks[name] = min(s.max_rank, max(1, math.floor(s.weights * (1 - removed) / s.step)))
+        total = math.floor((1 - check_ratio(ratio)) * sum(s.weights for s in group.values()))
+        while kept(group, ranks) > total:
+            over = [n for n in names if ranks[n] > 1]
+            if not over:
+                break
+            worst = max(over, key=lambda n: ranks[n] * group[n].step / (group[n].weights * (1 - ratio)))
+            ranks[worst] -= 1
     if kept(shapes, ranks) > budget(shapes, ratio):
         raise BudgetError(
             f"compress.allocation=loss budgets each matrix type apart, and at compress.ratio={ratio} rank 1 of some "

@@ -39,7 +39,9 @@ from nnsvd.models.sources import first_line, hub_error, local_source
 __all__ = [
     "DEFAULT_TARGETS",
     "DTYPES",
+    "build_from_config",
     "default_targets",
+    "export_stock",
     "layer_patterns",
     "load_causal_lm",
     "load_compressed",
@@ -259,7 +261,8 @@ def default_targets(model: nn.Module) -> list[str]:
 # -------------------------------------------------------------------- compressed checkpoints
 
 
-def _build(config: Mapping) -> nn.Module:
+def build_from_config(config: Mapping) -> nn.Module:
+    """The stock causal-LM architecture of a config.json dict (any model type transformers knows)."""
     config = dict(config)
     model_type = config.pop("model_type", None)
     if model_type is None:
@@ -280,6 +283,20 @@ def load_compressed(directory: str | Path, device: str | torch.device = "cpu") -
             f"{directory / CONFIG_FILE} describes a '{config.get('model_type')}' model with its own code, which "
             "nn-svd does not run; only model types that transformers knows can be reloaded"
         )
-    model = rebuild_compressed(directory, _build, device)
+    model = rebuild_compressed(directory, build_from_config, device)
     return model, load_causal_tokenizer(str(directory))
+
+
+def export_stock(directory: str | Path, out: str | Path, device: str | torch.device = "cpu") -> Path:
+    """Write the compressed model in ``directory`` to ``out`` as a stock (dense) transformers folder:
+    each factorized layer's product back in the base layer (``export_dense``), with the tokenizer.
+    It opens without nn-svd and without remote code, and is as large as the dense model."""
+    from nnsvd.models.hf_checkpoint import export_dense
+
+    model, tokenizer = load_compressed(directory, device)
+    dense = export_dense(model, build_from_config)
+    out = Path(out)
+    dense.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 

@@ -1,7 +1,11 @@
 """Compressed Hugging Face models as directories: written by ``save_compressed``, rebuilt by
-``rebuild_compressed`` without the suite and without unpickling anything::
+``rebuild_compressed`` without the suite and without unpickling anything, and opened by plain
+transformers with ``trust_remote_code=True`` through the modeling file they carry::
 
-    config.json                  the model's transformers configuration
+    config.json                  the model's transformers configuration; for a compressed model the base
+                                 model's in full, with model_type "nnsvd", the base type, the layers
+                                 (nnsvd_layers) and auto_map entries pointing at modeling_nnsvd.py
+    modeling_nnsvd.py            a compressed model's loader for transformers (``nnsvd.models.modeling_nnsvd``)
     model.safetensors            the compressed model's state dict (tied tensors stored once)
     nnsvd_layers.json            [{"name", "shape": [out, in], "rank", "form"}] of each factorized layer
     nnsvd_buffers.safetensors    the non-persistent buffers (rotary inv_freq, Gemma's embed_scale), when any
@@ -17,6 +21,7 @@ they are stored as they were, which makes a reload exact whatever derived them.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from torch import nn
 
 from nnsvd.errors import CheckpointError
 from nnsvd.lowrank import layer_records, rebuild_structure
+from nnsvd.models import modeling_nnsvd
 from nnsvd.models.sources import first_line
 
 WEIGHTS_FILE = "model.safetensors"
@@ -34,6 +40,19 @@ BUFFERS_FILE = "nnsvd_buffers.safetensors"
 CONFIG_FILE = "config.json"
 LAYERS_FILE = "nnsvd_layers.json"
 META_FILE = "nnsvd_meta.json"
+MODELING_FILE = "modeling_nnsvd.py"
+
+
+def base_config_dict(config: Mapping) -> dict:
+    """The base model's config.json fields from a compressed model's (model_type "nnsvd"); others as they are."""
+    config = dict(config)
+    if config.get("model_type") != modeling_nnsvd.MODEL_TYPE:
+        return config
+    config["model_type"] = config.pop("nnsvd_base_model_type", None)
+    config["architectures"] = config.pop("nnsvd_base_architectures", None)
+    for key in (*modeling_nnsvd.NNSVD_KEYS, "auto_map"):
+        config.pop(key, None)
+    return config
 
 
 def _normalized(layers: Sequence[Mapping]) -> list[dict]:
@@ -80,7 +99,12 @@ def save_compressed(
     buffers = non_persistent_buffers(model)
     if buffers:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in buffers.items()}, str(directory / BUFFERS_FILE))
-    model.config.save_pretrained(directory)
+    if records:  # opens in plain transformers with trust_remote_code=True; without it, fails (unknown model_type)
+        config = modeling_nnsvd.nnsvd_config_dict(model.config, records)
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copyfile(modeling_nnsvd.__file__, directory / MODELING_FILE)
+    else:  # a dense model: the stock format
+        model.config.save_pretrained(directory)
     (directory / LAYERS_FILE).write_text(json.dumps(records, indent=1) + "\n")
     if meta is not None:
         (directory / META_FILE).write_text(json.dumps(dict(meta), indent=1, default=str) + "\n")
@@ -102,7 +126,7 @@ def read_config(directory: Path) -> tuple[dict, list]:
         raise CheckpointError(f"'{directory}' has an unreadable config or layer file ({first_line(e)})") from e
     if not isinstance(config, dict) or not isinstance(layers, list):
         raise CheckpointError(f"'{directory}' has a corrupt config or layer file (not a JSON object and list)")
-    return config, layers
+    return base_config_dict(config), layers
 
 
 def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -188,3 +212,39 @@ def rebuild_compressed(
     if left:
         raise CheckpointError(f"'{directory}' holds no values for {', '.join(left[:3])}")
     return model.eval()
+
+
+def export_dense(model: nn.Module, build: Callable[[dict], nn.Module]) -> nn.Module:
+    """A stock copy of a compressed model: each factorized layer's product A·B (or B·Bᵀ) written back
+    into the base architecture's own dense layer, for tools that run no custom code (vLLM, llama.cpp).
+
+    ``build(config_dict)`` constructs the base architecture (on the meta device: no init). The copy
+    keeps the compressed model's outputs (up to the rounding of one matmul instead of two) but none of
+    its savings: it has the dense parameter count. GPT-2's Conv1D layers get the product transposed.
+    """
+    from nnsvd.lowrank import factorized_layers
+    from nnsvd.lowrank.layers import is_conv1d
+
+    factors = dict(factorized_layers(model))
+    config = base_config_dict(model.config.to_dict())
+    with torch.device("meta"):
+        dense = build(config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner not in factors:
+            state[name] = tensor
+    for name, layer in factors.items():
+        target = dense.get_submodule(name)
+        weight = layer.dense_weight().detach()
+        state[f"{name}.weight"] = (weight.T if is_conv1d(target) else weight).contiguous()
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias.detach()
+    _fill_tied(dense, state)
+    dense.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in non_persistent_buffers(model).items():
+        owner, _, leaf = name.rpartition(".")
+        dense.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
+    if hasattr(dense, "tie_weights"):
+        dense.tie_weights()
+    return dense.eval()

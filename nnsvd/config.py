@@ -137,6 +137,11 @@ class EvalConfig:
     stride: int | None = None  # null = max_length (non-overlapping windows)
     max_tokens: int | None = None  # cap the evaluated stream for quick runs
     validation: bool = True  # also score the validation split (the test split is always scored)
+    tasks: list[str] | None = None  # lm-evaluation-harness task names (language models), scored after perplexity
+    num_fewshot: int | None = None  # lm-eval's few-shot examples; null = each task's default
+    limit: float | None = None  # lm-eval: the first N documents per task (< 1: that fraction); null = all
+    tasks_batch_size: int = 1  # lm-eval's batch size
+    include_path: str | None = None  # a folder of your own task YAMLs (lm-eval's include_path)
 
 
 class CompressMethod(Enum):

@@ -58,6 +58,7 @@ from nnsvd.lowrank import (
 from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
 from nnsvd.threads import set_job_threads
 from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
+from nnsvd.zero_shot import ZERO_SHOT_KEYS, check_tasks
 
 log = logging.getLogger("nnsvd")
 
@@ -342,7 +343,11 @@ def evaluate_dense(task, model, c: Mapping, entry: Path | None, device: torch.de
     if entry is None:
         return task.evaluate(model)
     data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
-    path = entry / f"eval-{cache_key({'eval': c['eval'], 'data': data, 'device': device.type})}.json"
+    evaluation = dict(c["eval"])
+    if not evaluation.get("tasks"):  # without zero-shot tasks: the key the cache had before those keys existed
+        for key in ZERO_SHOT_KEYS:
+            evaluation.pop(key, None)
+    path = entry / f"eval-{cache_key({'eval': evaluation, 'data': data, 'device': device.type})}.json"
     with locked(path):
         cached = read_json(path)
         if cached is not None:
@@ -418,7 +423,12 @@ def run_experiment(
     device = resolve_device(c["device"])
     results["device"] = str(device)
 
+    if c["eval"].get("tasks") and c["model"]["name"] == "mlp":
+        raise ConfigError(f"eval.tasks={list(c['eval']['tasks'])} scores language models with lm-eval; model=mlp "
+                          "is scored by accuracy: use eval.tasks=null")
+    zero_shot = check_tasks(c["eval"], start)  # lm-eval present, every task known: before any data or model
     task = make_task(c, device, start)
+    task.zero_shot = zero_shot
     results["weights"] = task.weights
     torch.manual_seed(c["seed"])
     with doing("loading the model"):

@@ -119,10 +119,13 @@ def test_every_gpt2_methods_recipe_composes(recipe):
 @pytest.mark.parametrize("recipe", _swept("smollm2_methods", "+recipe"))
 def test_every_smollm2_methods_recipe_composes_offline(recipe):
     cfg = _compose("experiment=smollm2_methods", f"+recipe={recipe}", "compress.ratio=0.4", "data.root=/data")
-    method, variant = recipe.split("_")
+    method, *variants = recipe.split("_")  # whiten_loss_sequential: allocation loss, calibrated sequentially
     assert cfg.compress.method.value == method and cfg.model.name == "causal_lm" and cfg.data.name == "text_files"
-    assert cfg.calibration.sequential is (variant == "sequential")
-    assert cfg.compress.allocation.value == ("uniform" if variant == "sequential" else variant)
+    assert cfg.calibration.sequential is bool({"sequential", "block"} & set(variants))
+    allocations = [v for v in variants if v not in ("sequential", "block")]
+    assert cfg.compress.allocation.value == (allocations[0] if allocations else "uniform")
+    update = cfg.compress["update"]  # (not .update: that is the DictConfig method)
+    assert (update.value if update else None) == ("block" if "block" in variants else None)
     assert (cfg.model.name_or_path, cfg.model.gguf_file) == ("/data/smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert cfg.model.fallback == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (cfg.eval.max_length, cfg.eval.validation) == (2048, False)

@@ -216,3 +216,77 @@ def test_a_rank_too_large_names_the_binding_layer_and_the_largest_rank_all_accep
             "allowed 1 ≤ rank ≤ 143 (larger ranks save no parameters); 143 is the largest rank that every one of the 210 "
             "targets accepts"
             ) in r["error"]
+
+
+CAPITALS = [  # a small multiple-choice task from local files: question, choices, index of the answer
+    ("The capital of France is", ["Paris", "Berlin", "Madrid", "Rome"], 0),
+    ("The capital of Germany is", ["Vienna", "Berlin", "Oslo", "Lisbon"], 1),
+    ("The capital of Italy is", ["Athens", "Dublin", "Rome", "Warsaw"], 2),
+    ("The capital of Spain is", ["Prague", "Madrid", "Paris", "Bern"], 1),
+    ("The capital of Japan is", ["Seoul", "Beijing", "Bangkok", "Tokyo"], 3),
+    ("Water freezes at a temperature of zero degrees", ["Celsius", "meters", "volts", "grams"], 0),
+    ("The largest planet in the solar system is", ["Mercury", "Mars", "Jupiter", "Venus"], 2),
+    ("A week has seven", ["days", "hours", "planets", "colors"], 0),
+]
+
+
+def write_task(folder):
+    folder.mkdir(parents=True)
+    data = folder / "capitals.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in CAPITALS))
+    (folder / "nnsvd_capitals.yaml").write_text(
+        "task: nnsvd_capitals\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+
+
+def independent_choices(model, tokenizer) -> tuple[float, float]:
+    """(acc, acc_norm) by hand: Σ log p(" choice" | question) per choice, argmax (acc_norm: per byte)."""
+    right = right_norm = 0
+    for question, choices, answer in CAPITALS:
+        context = tokenizer(question).input_ids
+        scores, norms = [], []
+        for choice in choices:
+            whole = tokenizer(question + " " + choice).input_ids
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            cont = whole[len(context):]
+            total = sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont))
+            scores.append(total)
+            norms.append(total / len((" " + choice).encode()))
+        right += max(range(len(choices)), key=scores.__getitem__) == answer
+        right_norm += max(range(len(choices)), key=norms.__getitem__) == answer
+    return right / len(CAPITALS), right_norm / len(CAPITALS)
+
+
+def test_zero_shot_tasks_run_offline_from_a_local_task_and_agree_with_an_independent_computation(env, tmp_path):
+    write_task(tmp_path / "tasks")
+    extra = {"HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_HOME": str(tmp_path / "hf")}
+    _, r = run_cli(["model=smollm2", *SLICE, "eval.tasks=[nnsvd_capitals]", f"eval.include_path={tmp_path / 'tasks'}"],
+                   tmp_path / "run", data_root=env["root"], cache=env["cache"], env={**OFFLINE, **extra})
+    assert r["status"] == "ok"
+    acc, acc_norm = independent_choices(env["model"], env["tokenizer"])
+    assert r["metrics"]["nnsvd_capitals_acc"] == pytest.approx(acc)
+    assert r["metrics"]["nnsvd_capitals_acc_norm"] == pytest.approx(acc_norm)
+    assert 0.5 <= acc <= 1.0  # the pretrained model knows most of these
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["eval.tasks=[no_such_task_xyz]"], "eval.tasks: unknown lm-eval task 'no_such_task_xyz'"),
+    (["eval.tasks=[arc_easy]", "eval.include_path=/no/such/folder"], "eval.include_path=/no/such/folder is not a folder"),
+    (["model=mlp", "eval.tasks=[arc_easy]"], "eval.tasks=['arc_easy'] scores language models"),
+])
+def test_a_bad_task_setting_fails_in_one_line_before_any_data(env, tmp_path, args, match):
+    proc, r = run_cli(["model=smollm2", *args], tmp_path / "run", data_root=env["root"], cache=tmp_path / "cache",
+                      env=OFFLINE, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(errors) == 1 and match in errors[0], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert r["status"] == "failed" and not (tmp_path / "cache").exists()  # nothing read, nothing loaded

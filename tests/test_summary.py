@@ -438,3 +438,33 @@ def test_cli_rejects_a_missing_or_empty_sweep_dir(tmp_path):
     assert (
         proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no job directories" in proc.stderr
     )
+
+
+def test_zero_shot_accuracies_get_table_columns_csv_json_and_a_plot_panel(tmp_path):
+    """eval.tasks' accuracies: a column per task metric, JSON in the CSV, and curves of their own."""
+    sweep = tmp_path / "tasks"
+    for num, (ratio, ppl, acc) in enumerate([(0.2, 100.0, 0.61), (0.4, 300.0, 0.48)]):
+        overrides = [f"compress.ratio={ratio}", "compress.method=whiten"]
+        results = {
+            "status": "ok", "model": "causal_lm", "mode": "compress", "rank": None, "seed": 42,
+            "regularizer": {"label": "none", "alpha": 0.0}, "overrides": overrides,
+            "metrics": {"test_ppl": ppl, "dense_test_ppl": 24.3, "compressed_test_ppl": ppl,
+                        "capitals_acc": acc, "capitals_acc_norm": acc + 0.01,
+                        "dense_capitals_acc": 0.75, "compressed_capitals_acc": acc},
+            "params": {"total": 100, "dense_total": 135}, "timing": {"total_s": 60.0},
+            "compress": _compress_record("whiten", False, ratio=ratio),
+        }
+        write_job(sweep, num, overrides, results)
+    rows = summary.collect(sweep)
+    assert rows[0]["zero_shot"] == {"capitals_acc": 0.61, "capitals_acc_norm": 0.62}
+    assert rows[0]["dense_zero_shot"] == {"capitals_acc": 0.75}
+    assert summary.curves(rows, "causal_lm", "ratio", "capitals_acc") == {
+        ("compress", "none", 0.0, "whiten", "uniform"): [(0.2, 0.61), (0.4, 0.48)]}
+    assert summary.dense_reference(rows, "causal_lm", "capitals_acc") == (0.75, "dense (measured by compress jobs)")
+    md = summary.markdown_table(rows, title="t")
+    assert "| capitals_acc | capitals_acc_norm |" in md and "| 0.6100 | 0.6200 |" in md
+    paths = summary.write_summary(sweep, rows)
+    with paths["csv"].open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert json.loads(table[1]["zero_shot"]) == {"capitals_acc": 0.48, "capitals_acc_norm": 0.49}
+    assert paths["png"].read_bytes().startswith(PNG_SIGNATURE)

@@ -33,28 +33,37 @@ def axes_of(rows: Sequence[dict], model: str) -> list[str]:
     return [axis for axis in AXES if any(row[axis] is not None and row["value"] is not None for row in ok)]
 
 
-def curves(rows: Sequence[dict], model: str, axis: str = "rank") -> dict[tuple, list[tuple[float, float]]]:
-    """Main metric against ``axis`` (rank or ratio) for each line of one model's ok jobs, x ascending.
+def curves(rows: Sequence[dict], model: str, axis: str = "rank", task: str | None = None) -> dict[tuple, list[tuple[float, float]]]:
+    """Main metric (or the eval.tasks accuracy ``task``) against ``axis`` (rank or ratio) for each line of
+    one model's ok jobs, x ascending.
 
     Jobs that differ only in what the line does not show (e.g. the seed) are averaged.
     """
     points: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if row["status"] == "ok" and row["model"] == model and row[axis] is not None and row["value"] is not None:
-            points[line_key(row)][row[axis]].append(row["value"])
+        value = row["value"] if task is None else (row.get("zero_shot") or {}).get(task)
+        if row["status"] == "ok" and row["model"] == model and row[axis] is not None and value is not None:
+            points[line_key(row)][row[axis]].append(value)
     return {
         key: [(x, mean(values)) for x, values in sorted(by_x.items())]
         for key, by_x in sorted(points.items())
     }
 
 
-def dense_reference(rows: Sequence[dict], model: str) -> tuple[float, str] | None:
-    """The dense model's metric: from dense-mode jobs, else as measured by compress jobs."""
+def dense_reference(rows: Sequence[dict], model: str, task: str | None = None) -> tuple[float, str] | None:
+    """The dense model's metric (or ``task`` accuracy): from dense-mode jobs, else as measured by compress jobs."""
     ok = [row for row in rows if row["status"] == "ok" and row["model"] == model]
-    dense = [row["value"] for row in ok if row["mode"] == "dense" and row["value"] is not None]
+
+    def final(row):
+        return row["value"] if task is None else (row.get("zero_shot") or {}).get(task)
+
+    def measured_dense(row):
+        return row["dense_value"] if task is None else (row.get("dense_zero_shot") or {}).get(task)
+
+    dense = [final(row) for row in ok if row["mode"] == "dense" and final(row) is not None]
     if dense:
         return mean(dense), "dense (this sweep)"
-    measured = [row["dense_value"] for row in ok if row["dense_value"] is not None]
+    measured = [measured_dense(row) for row in ok if measured_dense(row) is not None]
     if measured:
         return mean(measured), "dense (measured by compress jobs)"
     return None

@@ -29,7 +29,8 @@ def plot_summary(path: Path, rows: Sequence[dict], *, title: str, reference: Pat
     from matplotlib.figure import Figure  # a bare Figure renders with Agg: no pyplot, no global backend
 
     models = sorted({row["model"] for row in rows if row["status"] == "ok" and row["model"] in METRICS})
-    panels = [(model, axis) for model in models for axis in axes_of(rows, model)]
+    tasks = sorted({name for row in rows for name in (row.get("zero_shot") or {})})
+    panels = [(model, axis, task) for model in models for axis in axes_of(rows, model) for task in [None, *tasks]]
     fig = Figure(figsize=(10, 5.5 * max(1, len(panels))), dpi=120, layout="constrained")
     fig.suptitle(title, fontsize="large")
     if not panels:
@@ -38,15 +39,18 @@ def plot_summary(path: Path, rows: Sequence[dict], *, title: str, reference: Pat
         ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     else:
-        for ax, (model, axis) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
-            _plot_panel(ax, rows, model, axis, reference if model == "mlp" and axis == "rank" else None)
+        for ax, (model, axis, task) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+            _plot_panel(ax, rows, model, axis, reference if model == "mlp" and axis == "rank" and task is None else None,
+                        task)
     fig.savefig(path)
 
 
-def _plot_panel(ax, rows: Sequence[dict], model: str, axis: str, reference: Path | None) -> None:
-    metric = METRICS[model]
-    ylabel, yscale, _ = METRIC_STYLES[metric]
-    lines = curves(rows, model, axis)
+def _plot_panel(ax, rows: Sequence[dict], model: str, axis: str, reference: Path | None,
+                task: str | None = None) -> None:
+    """One panel: the main metric, or with ``task`` that eval.tasks accuracy (lm-eval), against the axis."""
+    metric = METRICS[model] if task is None else None
+    ylabel, yscale, _ = METRIC_STYLES[metric] if task is None else (f"{task} (lm-eval)", "linear", "{:.4f}")
+    lines = curves(rows, model, axis, task)
     # one colour per method (and mode, regularizer, alpha), one line style per allocation
     families = list(dict.fromkeys(key[:4] for key in lines))
     colours = {key: f"C{families.index(key[:4]) % 10}" for key in lines}
@@ -55,7 +59,7 @@ def _plot_panel(ax, rows: Sequence[dict], model: str, axis: str, reference: Path
         ax.plot(xs, values, marker="o", color=colours[key], linestyle=LINESTYLES.get(key[4], "-"),
                 label=line_label(key))
 
-    dense = dense_reference(rows, model)
+    dense = dense_reference(rows, model, task)
     if dense is not None:
         ax.axhline(dense[0], color="black", linewidth=1.2, label=f"{dense[1]}: {number(dense[0], metric)}")
     published_ranks = draw_reference(ax, reference, colours) if reference is not None else []

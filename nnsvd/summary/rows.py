@@ -43,7 +43,24 @@ COLUMNS = [
     "compression_ratio",  # params / dense params of the whole model
     "target_compression_ratio",  # the same over the factorized layers only
     "time_s",
+    "zero_shot",  # {"<task>_acc": …} of the final model (eval.tasks), JSON in summary.csv
+    "dense_zero_shot",  # the same for the dense model, measured by a compress job
 ]
+
+ZERO_SHOT_SUFFIXES = ("_acc", "_acc_norm")
+
+
+def zero_shot_metrics(metrics: dict, prefix: str = "") -> dict:
+    """{"<task>_acc": …} among ``metrics`` (eval.tasks' accuracies), with ``prefix`` ("dense_") or none."""
+    phases = ("dense_", "compressed_", "finetuned_")
+    out = {}
+    for key, value in metrics.items():
+        if not key.endswith(ZERO_SHOT_SUFFIXES) or not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if prefix or not name.startswith(phases):
+            out[name] = value
+    return out
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -110,6 +127,8 @@ def job_row(job_dir: Path) -> dict:
         compression_ratio=params.get("compression_ratio"),
         target_compression_ratio=params.get("target_compression_ratio"),
         time_s=(results.get("timing") or {}).get("total_s"),
+        zero_shot=zero_shot_metrics(metrics) or None,
+        dense_zero_shot=zero_shot_metrics(metrics, "dense_") or None,
     )
     return row
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,12 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()} for row in rows])
+
+
+def zero_shot_names(rows: Sequence[dict]) -> list[str]:
+    """The eval.tasks accuracies any row has ("arc_easy_acc", …), sorted."""
+    return sorted({name for row in rows for name in (row.get("zero_shot") or {})})
 
 
 def markdown_table(rows: Sequence[dict], *, title: str) -> str:
@@ -25,8 +31,9 @@ def markdown_table(rows: Sequence[dict], *, title: str) -> str:
     """
     metrics = sorted({row["metric"] for row in rows if row["metric"]})
     metric = metrics[0] if len(metrics) == 1 else "main metric"
+    tasks = zero_shot_names(rows)
     header = ["job", "status", "model", "mode", "rank", "method", "allocation", "ratio", "removed", "regularizer",
-              "alpha", metric, "dense", "before fine-tuning", "params", "size", "time (s)", "error"]
+              "alpha", metric, "dense", "before fine-tuning", "params", "size", "time (s)", *tasks, "error"]
     lines = [
         f"# {title}",
         "",
@@ -54,6 +61,7 @@ def markdown_table(rows: Sequence[dict], *, title: str) -> str:
             f"{row['params']:,}" if row["params"] is not None else "",
             _fraction(row["compression_ratio"], "{:.3f}"),
             f"{row['time_s']:.1f}" if row["time_s"] is not None else "",
+            *(_fraction((row.get("zero_shot") or {}).get(name), "{:.4f}") for name in tasks),
             shorten(row["error"]),
         ]
         lines.append("| " + " | ".join("" if c is None else str(c).replace("|", "\\|") for c in cells) + " |")

@@ -27,6 +27,7 @@ from nnsvd.perplexity import check_eval_memory, context_length, evaluate_perplex
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.train import TrainResult
 from nnsvd.train_lm import train_causal_lm
+from nnsvd.zero_shot import evaluate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class LanguageModelingTask:
         self.gguf: gguf.GGUFSource | None = None
         self.source: str | None = cfg["model"].get("name_or_path")  # what is loaded: name_or_path, or the fallback
         self.weights: str | None = None  # which weights a pretrained model has: recorded in results.json
+        self.zero_shot = None  # lm-eval's TaskManager when eval.tasks is set (nnsvd.zero_shot.check_tasks)
         self._check_model_settings()
 
     # -- what differs between model kinds
@@ -245,6 +247,8 @@ class LanguageModelingTask:
         if self.eval_cfg["validation"]:
             val = self._perplexity(model, "validation")
             metrics.update(val_ppl=val["ppl"], val_tokens=val["tokens"])
+        if self.zero_shot is not None:
+            metrics.update(evaluate_tasks(model, self.tokenizer, self.eval_cfg, self.zero_shot, self.device, self.seed))
         return metrics
 
     def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[torch.Tensor]:

@@ -53,25 +53,25 @@ ISOLATED = textwrap.dedent('''
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, out = sys.argv[1], sys.argv[2]
-    report = {}
-    try:
-        AutoModelForCausalLM.from_pretrained(folder)
-        report["plain"] = "loaded"
-    except Exception as e:  # what a user without trust_remote_code sees
-        report["plain"] = f"{type(e).__name__}: {e}"
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    report["class"] = type(model).__name__
-    report["modules"] = sorted({type(m).__name__ for m in model.modules()})
-    report["nnsvd_loaded"] = any(k == "nnsvd" or k.startswith("nnsvd.") for k in sys.modules)
-    ids = load_file(out + "/ids.safetensors")["ids"]
-    with torch.no_grad():
-        logits = model(ids).logits
-        generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
-    save_file({"logits": logits.contiguous(), "generated": generated.contiguous()}, out + "/theirs.safetensors")
-    model.save_pretrained(out + "/resaved")
-    AutoTokenizer.from_pretrained(folder).save_pretrained(out + "/resaved")
-    json.dump(report, open(out + "/report.json", "w"))
+    for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
+        report = {}
+        try:
+            AutoModelForCausalLM.from_pretrained(folder)
+            report["plain"] = "loaded"
+        except Exception as e:  # what a user without trust_remote_code sees
+            report["plain"] = f"{type(e).__name__}: {e}"
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        report["class"] = type(model).__name__
+        report["modules"] = sorted({type(m).__name__ for m in model.modules()})
+        report["nnsvd_loaded"] = any(k == "nnsvd" or k.startswith("nnsvd.") for k in sys.modules)
+        ids = load_file(out + "/ids.safetensors")["ids"]
+        with torch.no_grad():
+            logits = model(ids).logits
+            generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        save_file({"logits": logits.contiguous(), "generated": generated.contiguous()}, out + "/theirs.safetensors")
+        model.save_pretrained(out + "/resaved")
+        AutoTokenizer.from_pretrained(folder).save_pretrained(out + "/resaved")
+        json.dump(report, open(out + "/report.json", "w"))
 ''')
 
 
@@ -91,32 +91,55 @@ def tokenizer():
     return load_tokenizer(str(require_data("gpt2-tokenizer")))
 
 
-def run_isolated(folder, out, tmp_path):
+def run_isolated(pairs, tmp_path) -> list[tuple[dict, dict]]:
+    """Open each (folder, out) in one interpreter that cannot import nnsvd; (report, tensors) per pair."""
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"}
-    proc = subprocess.run([sys.executable, "-c", ISOLATED, str(folder), str(out)], cwd=tmp_path, env=env,
+    args = [str(p) for pair in pairs for p in pair]
+    proc = subprocess.run([sys.executable, "-c", ISOLATED, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=HANG, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads((out / "report.json").read_text()), load_file(out / "theirs.safetensors")
+    return [(json.loads((out / "report.json").read_text()), load_file(out / "theirs.safetensors")) for _, out in pairs]
+
+
+def save_case(model, tokenizer, root, ids):
+    """Save ``model`` under root/compressed with its inputs under root/out; (folder, out)."""
+    folder, out = root / "compressed", root / "out"
+    save_compressed(model, tokenizer, folder)
+    out.mkdir(parents=True)
+    save_file({"ids": ids}, out / "ids.safetensors")
+    return folder, out
+
+
+@pytest.fixture(scope="module")
+def opened(tokenizer, tmp_path_factory):
+    """Every family compressed with non-uniform ranks (and LLaMA in the symmetric form), saved, and opened
+    in one isolated interpreter: {case: (folder, out, ids, report, tensors)}."""
+    base = tmp_path_factory.mktemp("hf_remote")
+    cases = {}
+    for family in FAMILIES:
+        model = build(family)
+        ranks = {pattern: 3 + i % 3 for i, pattern in enumerate(family_targets(family))}  # non-uniform ranks
+        compress_model(model, family_targets(family), ranks)
+        ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+        cases[family] = (*save_case(model, tokenizer, base / family, ids), ids)
+    model = build("llama")
+    lowrank_from_scratch(model, ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.o_proj"], 4,
+                         symmetric=True)
+    ids = torch.randint(1, 96, (1, 8), generator=torch.Generator().manual_seed(4))
+    cases["symmetric"] = (*save_case(model, tokenizer, base / "symmetric", ids), ids)
+    results = run_isolated([(folder, out) for folder, out, _ in cases.values()], base)
+    return {case: (*cases[case], *result) for case, result in zip(cases, results)}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_compressed_folder_opens_in_plain_transformers_without_nnsvd(family, tokenizer, tmp_path):
-    model = build(family)
-    ranks = {pattern: 3 + i % 3 for i, pattern in enumerate(family_targets(family))}  # non-uniform ranks
-    compress_model(model, family_targets(family), ranks)
-    folder = tmp_path / "compressed"
-    save_compressed(model, tokenizer, folder)
+def test_a_compressed_folder_opens_in_plain_transformers_without_nnsvd(family, opened):
+    folder, out, ids, report, theirs = opened[family]
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "nnsvd" and config["auto_map"]["AutoModelForCausalLM"] == \
         "modeling_nnsvd.NNSVDForCausalLM" and (folder / "modeling_nnsvd.py").is_file()
+    assert len({layer["rank"] for layer in config["nnsvd_layers"]}) > 1  # non-uniform ranks
     ours, _ = load_compressed(folder)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 96, (2, 12), generator=g)
-    out = tmp_path / "out"
-    out.mkdir()
-    save_file({"ids": ids}, out / "ids.safetensors")
-    report, theirs = run_isolated(folder, out, tmp_path)
     assert report["nnsvd_loaded"] is False
     # without trust_remote_code: an error, never a model with random weights
     assert report["plain"] != "loaded" and "trust_remote_code" in report["plain"], report["plain"]
@@ -132,18 +155,10 @@ def test_a_compressed_folder_opens_in_plain_transformers_without_nnsvd(family, t
         assert torch.equal(again(ids).logits, expected)
 
 
-def test_the_symmetric_form_opens_too(tokenizer, tmp_path):
-    model = build("llama")
-    square = ["model.layers.*.self_attn.q_proj", "model.layers.*.self_attn.o_proj"]
-    lowrank_from_scratch(model, square, 4, symmetric=True)
-    save_compressed(model, tokenizer, tmp_path / "sym")
-    ids = torch.randint(1, 96, (1, 8), generator=torch.Generator().manual_seed(4))
-    out = tmp_path / "out"
-    out.mkdir()
-    save_file({"ids": ids}, out / "ids.safetensors")
-    report, theirs = run_isolated(tmp_path / "sym", out, tmp_path)
+def test_the_symmetric_form_opens_too(opened):
+    folder, _, ids, report, theirs = opened["symmetric"]
     assert "SymmetricLowRankLinear" in report["modules"]
-    ours, _ = load_compressed(tmp_path / "sym")
+    ours, _ = load_compressed(folder)
     with torch.no_grad():
         assert torch.equal(theirs["logits"], ours(ids).logits)
 

@@ -156,7 +156,7 @@ def test_the_compressed_smollm2_opens_in_plain_transformers_without_nnsvd(env, w
     out = tmp_path / "out"
     out.mkdir()
     save_file({"ids": ids}, out / "ids.safetensors")
-    report, theirs = run_isolated(run_dir, out, tmp_path)
+    [(report, theirs)] = run_isolated([(run_dir, out)], tmp_path)
     assert report["nnsvd_loaded"] is False and report["class"] == "LlamaForCausalLM"
     assert "trust_remote_code" in report["plain"]  # without it: an error, not random weights
     with torch.no_grad():

@@ -5,6 +5,7 @@ Run the sweep, then plot it (SmolLM2, whitening, 8–128 sequences of 1024 token
     NNSVD_DATA_ROOT=... python run.py -m model=smollm2 compress.method=whiten compress.ratio=0.2,0.4 \\
         calibration.samples=8,16,32,64,128 hydra.sweep.dir=outputs/multirun/calibration_curve
     python scripts/calibration_curve.py outputs/multirun/calibration_curve --out scripts/assets/calibration_curve
+    (several sweep directories are merged into one curve)
 
 Reads every job's results.json (jobs that did not finish ok are listed and left out), prints a
 Markdown table, and writes OUT.json (the figures) and OUT.png (two panels: test perplexity and
@@ -84,17 +85,21 @@ def plot(path: Path, points: list[dict], dense: float | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="the multirun's hydra.sweep.dir")
+    parser.add_argument("sweep_dir", type=Path, nargs="+", help="the multirun's hydra.sweep.dir (several: merged)")
     parser.add_argument("--out", type=Path, default=None, help="OUT.json and OUT.png (default: SWEEP_DIR/calibration_curve)")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"calibration_curve: sweep directory {args.sweep_dir} does not exist", file=sys.stderr)
-        return 2
-    points, failed, dense = collect(args.sweep_dir)
+    points, failed, dense = [], [], None
+    for sweep in args.sweep_dir:
+        if not sweep.is_dir():
+            print(f"calibration_curve: sweep directory {sweep} does not exist", file=sys.stderr)
+            return 2
+        p, f, d = collect(sweep)
+        points, failed, dense = points + p, failed + f, d if d is not None else dense
+    points.sort(key=lambda p: (p["ratio"], p["samples"]))
     if not points:
-        print(f"calibration_curve: no finished compress job with calibration under {args.sweep_dir}", file=sys.stderr)
+        print(f"calibration_curve: no finished compress job with calibration under {args.sweep_dir[0]}", file=sys.stderr)
         return 2
-    out = args.out or args.sweep_dir / "calibration_curve"
+    out = args.out or args.sweep_dir[0] / "calibration_curve"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"dense_test_ppl": dense, "points": points, "not_ok": failed},
                                                    indent=2) + "\n")

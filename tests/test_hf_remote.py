@@ -94,7 +94,9 @@ def tokenizer():
 def run_isolated(pairs, tmp_path) -> list[tuple[dict, dict]]:
     """Open each (folder, out) in one interpreter that cannot import nnsvd; (report, tensors) per pair."""
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"}
+           "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONNOUSERSITE": "1",
+           # the caller's thread count: float sums split alike, so logits can be compared bit for bit
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     args = [str(p) for pair in pairs for p in pair]
     proc = subprocess.run([sys.executable, "-c", ISOLATED, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=HANG, stdin=subprocess.DEVNULL)

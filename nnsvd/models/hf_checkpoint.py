@@ -129,16 +129,7 @@ def read_config(directory: Path) -> tuple[dict, list]:
     return base_config_dict(config), layers
 
 
-def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every name of a shared parameter the tensor stored under one of its names."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    for names in groups.values():
-        stored = [n for n in names if n in state]
-        if len(names) > 1 and len(stored) == 1:
-            for name in names:
-                state[name] = state[stored[0]]
+_fill_tied = modeling_nnsvd._fill_tied  # the modeling file is self-contained: the suite shares its copy
 
 
 def _mismatch(expected: Mapping[str, tuple], state: Mapping[str, torch.Tensor]) -> str | None:

@@ -278,8 +278,13 @@ def statistics_store(task, model: nn.Module, c: Mapping, shapes: Mapping, batche
                      cache_dir: Path | None) -> StatisticsStore | None:
     """Where a language model's dense calibration statistics are kept for the other jobs of a sweep
     (cache.dir/statistics/KEY, keyed by the weights, the targets and the calibration batches), or
-    None: cache.statistics=false, no cache, or a model that is not calibrated block by block."""
+    None: cache.statistics=false, no cache, a model that is not calibrated block by block, or a job
+    that would neither read nor write dense statistics (sequential calibration with uniform ranks and
+    no Fisher), which then skips hashing the weights."""
     if cache_dir is None or not c["cache"]["statistics"] or not task.calibrates_by_block or not batches:
+        return None
+    allocated = c["compress"]["ratio"] is not None and c["compress"]["allocation"] != "uniform"
+    if c["calibration"]["sequential"] and not allocated and not wants_fisher(c):
         return None
     dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
     key = digest(model, batches, [type(task).__name__, list(shapes), dtypes, "statistics-v1"])

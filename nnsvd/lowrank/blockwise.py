@@ -36,7 +36,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -374,17 +374,13 @@ def compress_blockwise(
     if not batches:
         raise ValueError("compress_blockwise needs at least one calibration batch")
     plan = plan_compression(model, targets, rank, symmetric=False, allow_full_rank=allow_full_rank)
-    blocks = decoder_blocks(model) if blocks is None else blocks
-    layers = model.get_submodule(blocks)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    names = sorted((name for name, *_ in plan), key=order.__getitem__)
-    per_block = targets_by_block(names, blocks, len(layers))
+    blocks, layers, names, per_block = _targets_in_blocks(model, [name for name, *_ in plan], blocks)
     ranks = {name: r for name, _, r, _ in plan}  # validated: each block's layers get exactly these
     del plan  # it holds the dense layers, which must go as they are replaced
     if update is not None and update.steps > 0 and update.split(len(batches))[1] == []:
         raise ValueError(f"block-wise reconstruction holds out calibration batches: it needs ≥ 2, got {len(batches)}")
     dense_stats = not sequential and store is not None
-    parts = [f"block{k}" for k, block_names in enumerate(per_block) if block_names]
+    parts = _parts(per_block)
 
     was_training = model.training
     model.eval()
@@ -392,7 +388,7 @@ def compress_blockwise(
     try:
         with _without_kv_cache(model):
             fisher_rows = _fisher(model, names, batches, loss_fn, store) if fisher else {}
-            if dense_stats and update is None and all(store.has(part) for part in parts):
+            if dense_stats and update is None and all(store.has(part) for part in parts.values()):
                 return _compress_from_store(model, per_block, store, ranks, fisher_rows, method=method,
                                             allow_full_rank=allow_full_rank, blocks=blocks)
             inputs = capture_block_inputs(model, layers[0], batches, loss_fn)
@@ -414,7 +410,7 @@ def compress_blockwise(
             dense_hidden = list(inputs.hidden) if update is not None else None  # the dense stream (shared at first)
             with Progress("calibrating and compressing", len(layers), "blocks", log, rate_unit="tokens") as p:
                 for k, (block, block_names, block_groups) in enumerate(zip(layers, per_block, groups)):
-                    part = f"block{k}" if dense_stats and block_names else None
+                    part = parts.get(k) if dense_stats else None
                     block_report, report_block = _compress_block(
                         model, block, block_names, block_groups, inputs, ranks, fisher_rows, method=method,
                         sequential=sequential, allow_full_rank=allow_full_rank, dense_hidden=dense_hidden,
@@ -452,11 +448,12 @@ def _compress_from_store(
              sum(map(len, per_block)), store.root, blocks)
     report = CompressionReport()
     nbytes = 0
+    parts = _parts(per_block)
     with Progress("compressing from cached statistics", len(per_block), "blocks", log) as p:
         for k, block_names in enumerate(per_block):
             if block_names:
                 device = work_device(linear_weight(model.get_submodule(block_names[0]))[0])
-                stats = store.load(f"block{k}", device=device)
+                stats = store.load(parts[k], device=device)
                 nbytes = max(nbytes, sum({id(s.inputs): s.gram.numel() * 8 for s in stats.values()}.values()))
                 report.layers += _factorize_layers(model, block_names, stats, ranks, fisher_rows, method=method,
                                                    allow_full_rank=allow_full_rank).layers
@@ -473,12 +470,8 @@ def dense_block_statistics(
     statistics ``compress_blockwise`` compresses from), held all at once: what an allocation that
     reads every layer's spectrum needs. From ``store`` where it holds them; written to it otherwise."""
     batches = list(batches)
-    blocks = decoder_blocks(model) if blocks is None else blocks
-    layers = model.get_submodule(blocks)
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    names = sorted(names, key=order.__getitem__)
-    per_block = targets_by_block(names, blocks, len(layers))
-    parts = {k: f"block{k}" for k, block_names in enumerate(per_block) if block_names}
+    blocks, layers, names, per_block = _targets_in_blocks(model, names, blocks)
+    parts = _parts(per_block)
     was_training = model.training
     model.eval()
     try:
@@ -495,13 +488,10 @@ def dense_block_statistics(
                     for k, (block, block_names) in enumerate(zip(layers, per_block)):
                         if block_names:
                             groups = shared_input_groups(model, block_names, lambda block=block: inputs.run(block, 0))
-                            collector = StatsCollector(model, block_names, groups=groups)
-                            with collector:
-                                for j in range(len(inputs)):
-                                    inputs.hidden[j] = inputs.run(block, j)
+                            block_stats = _collect(model, block, block_names, groups, inputs, advance=True)
                             if store is not None:
-                                store.save(parts[k], collector.stats)
-                            stats.update(collector.stats)
+                                store.save(parts[k], block_stats)
+                            stats.update(block_stats)
                         else:
                             for j in range(len(inputs)):
                                 inputs.hidden[j] = inputs.run(block, j)
@@ -536,21 +526,17 @@ def _compress_block(
                 if two_streams:
                     dense_hidden[j] = inputs.run_on(block, dense_hidden[j], j)
             return CompressionReport(), None
-        collector = StatsCollector(model, names, groups=groups)
         dense_out: list[Tensor] = []
         if two_streams:
-            # the dense block's outputs on the dense stream: the targets of the update, the next dense inputs
-            with collector if not sequential else _nothing():
+            # the dense block's outputs on the dense stream: the targets of the update, the next dense inputs,
+            # and (unless sequential) the statistics' stream
+            collector = StatsCollector(model, names, groups=groups)
+            with collector if not sequential else nullcontext():
                 dense_out = [inputs.run_on(block, dense_hidden[j], j) for j in range(count)]
+            stats: dict[str, LayerStats] = collector.stats
+            del collector
         if not two_streams or sequential:
-            with collector:
-                for j in range(count):
-                    out = inputs.run(block, j)
-                    if not sequential:
-                        inputs.hidden[j] = out
-                    del out
-        stats: dict[str, LayerStats] = collector.stats
-        del collector
+            stats = _collect(model, block, names, groups, inputs, advance=not sequential)
         if store is not None and part is not None:
             store.save(part, stats)
         _release_freed_memory()  # the block's forward temporaries, before the factorizations' working sets
@@ -586,9 +572,36 @@ def _factorize_layers(
     return report
 
 
-@contextmanager
-def _nothing():
-    yield
+def _targets_in_blocks(
+    model: nn.Module, names: Iterable[str], blocks: str | None
+) -> tuple[str, nn.ModuleList, list[str], list[list[str]]]:
+    """(the blocks' name, the blocks, the target names in model order, the targets of each block)."""
+    blocks = decoder_blocks(model) if blocks is None else blocks
+    layers = model.get_submodule(blocks)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    names = sorted(names, key=order.__getitem__)
+    return blocks, layers, names, targets_by_block(names, blocks, len(layers))
+
+
+def _parts(per_block: Sequence[Sequence[str]]) -> dict[int, str]:
+    """{block index: its StatisticsStore part name} of the blocks that hold targets."""
+    return {k: f"block{k}" for k, names in enumerate(per_block) if names}
+
+
+def _collect(
+    model: nn.Module, block: nn.Module, names: Sequence[str], groups: Sequence[Sequence[str]], inputs: BlockInputs,
+    *, advance: bool,
+) -> dict[str, LayerStats]:
+    """One pass of the block over ``inputs`` with the named layers' statistics collected; with
+    ``advance`` each input is replaced by the block's output (the next block's input)."""
+    collector = StatsCollector(model, names, groups=groups)
+    with collector:
+        for j in range(len(inputs)):
+            out = inputs.run(block, j)
+            if advance:
+                inputs.hidden[j] = out
+            del out
+    return collector.stats
 
 
 def _relative_error(block: nn.Module, inputs: BlockInputs, targets: Sequence[Tensor], indices: Sequence[int]) -> float:

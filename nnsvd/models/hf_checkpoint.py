@@ -62,15 +62,7 @@ def _normalized(layers: Sequence[Mapping]) -> list[dict]:
     ]
 
 
-def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: buffer} of the buffers a state dict leaves out (registered with persistent=False)."""
-    found = {}
-    for module_name, module in model.named_modules():
-        for name in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(name)
-            if buffer is not None:
-                found[f"{module_name}.{name}" if module_name else name] = buffer
-    return found
+non_persistent_buffers = modeling_nnsvd._buffers  # {name: buffer} of those a state dict leaves out
 
 
 def save_compressed(
@@ -194,12 +186,8 @@ def rebuild_compressed(
         problem = _mismatch(wanted, buffers)
         if problem:
             raise CheckpointError(f"{directory / BUFFERS_FILE} does not fit the model: {problem}")
-        for name, value in buffers.items():
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+        modeling_nnsvd._restore_buffers(model, buffers)
+    left = modeling_nnsvd._finish(model)
     if left:
         raise CheckpointError(f"'{directory}' holds no values for {', '.join(left[:3])}")
     return model.eval()
@@ -233,9 +221,8 @@ def export_dense(model: nn.Module, build: Callable[[dict], nn.Module]) -> nn.Mod
             state[f"{name}.bias"] = layer.bias.detach()
     _fill_tied(dense, state)
     dense.load_state_dict(state, strict=True, assign=True)
-    for name, buffer in non_persistent_buffers(model).items():
-        owner, _, leaf = name.rpartition(".")
-        dense.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
-    if hasattr(dense, "tie_weights"):
-        dense.tie_weights()
+    modeling_nnsvd._restore_buffers(dense, {k: v.clone() for k, v in non_persistent_buffers(model).items()})
+    left = modeling_nnsvd._finish(dense)
+    if left:
+        raise CheckpointError(f"the dense export holds no values for {', '.join(left[:3])}")
     return dense.eval()

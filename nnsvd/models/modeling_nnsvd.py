@@ -120,14 +120,24 @@ def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 state[name] = state[stored[0]]
 
 
-def _non_persistent(model: nn.Module) -> list[str]:
-    return list(_buffers(model))
-
-
 def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: buffer} of the buffers a state dict leaves out (registered with persistent=False)."""
     return {f"{m}.{b}" if m else b: module._buffers[b] for m, module in model.named_modules()
             for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None}
+
+
+def _restore_buffers(model: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Register each saved non-persistent buffer on its module again."""
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
+
+
+def _finish(model: nn.Module) -> list[str]:
+    """Tie the weights as the config says; the names of the tensors still on the meta device (none: complete)."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
 
 
 def _device(device_map) -> torch.device | None:
@@ -209,18 +219,14 @@ class NNSVDForCausalLM(PreTrainedModel):
         state = load_state_dict(cached_file(pretrained_model_name_or_path, WEIGHTS, **hub))
         _fill_tied(model, state)
         model.load_state_dict(state, strict=True, assign=True)
-        wanted = _non_persistent(model)
+        wanted = list(_buffers(model))
         if wanted:
             path = cached_file(pretrained_model_name_or_path, BUFFERS, **hub)
             buffers = load_state_dict(path)
             if sorted(buffers) != sorted(wanted):
                 raise ValueError(f"{BUFFERS} holds {sorted(buffers)[:3]}, the model needs {sorted(wanted)[:3]}")
-            for name, value in buffers.items():
-                owner, _, leaf = name.rpartition(".")
-                model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+            _restore_buffers(model, buffers)
+        left = _finish(model)
         if left:
             raise ValueError(f"{pretrained_model_name_or_path} holds no values for {', '.join(left[:3])}")
         if dtype not in (None, "auto"):

@@ -7,7 +7,7 @@ rank of each --ratios value (the truncation of scripts/ablate_blocks.py). One JS
 validation goes to --out, and a table is printed at the end. When nothing was probed (the dense model
 came from the cache: add cache.dense=false) it exits 1 with a line saying so; otherwise with run.py's status.
 
-This is how the byte-level testbed's recipe was chosen (README, "GPT-2: the byte-level testbed"):
+This is how the byte-level testbed's recipe was chosen (docs/results.md, "GPT-2: the byte-level testbed"):
 how much plain SVD costs depends on how long and how the model was trained.
 
 Usage (everything after the script's own options is passed to run.py):

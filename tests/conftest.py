@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # command of the suite needs about 5 min on an idle 2-core machine; with other CPU-heavy jobs beside it, 3-5×.
 HANG = 1800
 # The data the tests read: NNSVD_TEST_DATA (CI sets it), else the folder run.py downloads into (data.root:
-# $NNSVD_DATA_ROOT, else ./data in the checkout), laid out as README.md's "Data" section says.
+# $NNSVD_DATA_ROOT, else ./data in the checkout), laid out as docs/data.md's "Offline" section says.
 TEST_DATA = Path(os.environ.get("NNSVD_TEST_DATA") or os.environ.get("NNSVD_DATA_ROOT") or REPO / "data").resolve()
 
 
@@ -67,7 +67,7 @@ def require_data(*parts: str) -> Path:
     """Path under the test data folder, or skip the test with the reason."""
     path = TEST_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not found: set NNSVD_TEST_DATA to a data folder laid out as README.md's 'Data' "
+        pytest.skip(f"{path} not found: set NNSVD_TEST_DATA to a data folder laid out as docs/data.md's 'Offline' "
                     "section says (or let run.py download MNIST into ./data)")
     return path
 

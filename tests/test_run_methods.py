@@ -44,7 +44,7 @@ def test_each_method_runs_and_records_its_calibration(env, plain16, method):
 
 
 def test_whitening_beats_plain_svd_on_real_mnist(env, plain16):
-    """README targets (2048 calibration images, seed 42): whiten r8 ≥ 86%, r16 ≥ 95.5%; sequential r4 ≥ 49%."""
+    """docs/results.md's targets (2048 calibration images, seed 42): whiten r8 ≥ 86%, r16 ≥ 95.5%; sequential r4 ≥ 49%."""
     _, w16 = cli(env, "whiten16", "rank=16", "compress.method=whiten")
     _, w8 = cli(env, "whiten8", "rank=8", "compress.method=whiten")
     _, s4 = cli(env, "seq4", "rank=4", "compress.method=whiten", "calibration.sequential=true")

@@ -119,7 +119,7 @@ def svd_randomized(W: Tensor, rank: int, oversample: int | None = None, niter: i
     """Randomized truncated SVD (torch.svd_lowrank) with oversampling p = max(r, 10).
 
     With p = r and 4 power iterations the Frobenius error stays within 0.35% of the
-    optimum even on flat (random-init) spectra; see the README's performance section.
+    optimum even on flat (random-init) spectra; see docs/performance.md, "Which SVD routine".
     The sketch is seeded locally so the result is deterministic and global RNG untouched.
     """
     p = max(rank, 10) if oversample is None else oversample
@@ -138,7 +138,7 @@ def svd_exact(W: Tensor, rank: int) -> Factors:
 
 
 def svd_auto(W: Tensor, rank: int) -> Factors:
-    """Pick the fastest routine that meets the accuracy bar (rule measured in the README).
+    """Pick the fastest routine that meets the accuracy bar (rule measured in docs/performance.md).
 
     - r ≤ min(m, n)/16: randomized (≥4× faster than exact there, ≤0.35% excess error);
     - min(m, n) ≥ 256: exact via the Gram eigendecomposition (4–9× faster than svd_full);

@@ -327,7 +327,8 @@ def sensitivity(task, model, c, shapes, method, stats, batches, cache_dir) -> di
             log.info("sensitivity measurements from cache %s", path)
             return {name: {int(r): d for r, d in per.items()} for name, per in json.loads(path.read_text()).items()}
     measured = measure_sensitivity(model, shapes, batches, task.calibration_loss, method=method,
-                                   calibration=stats, ratios=ratios)
+                                   calibration=stats, ratios=ratios,
+                                   blocks=decoder_blocks(model) if task.calibrates_by_block else None)
     if path is not None:
         write_json_atomic(path, measured)
         log.info("sensitivity measurements cached at %s", path)

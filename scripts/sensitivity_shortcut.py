@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from nnsvd.compression import factorizer, measurement_batches
 from nnsvd.config import register_configs
-from nnsvd.lowrank import collect_statistics
+from nnsvd.lowrank import collect_statistics, decoder_blocks
 from nnsvd.lowrank.allocation import target_shapes
 from nnsvd.lowrank.sensitivity import measure_sensitivity
 from nnsvd.pipeline import make_task
@@ -77,7 +77,8 @@ def main() -> None:
     for label, cut in settings.items():
         start = time.perf_counter()
         measured = measure_sensitivity(model, shapes, cut, task.calibration_loss, method=factorizer(comp),
-                                       calibration=stats, ratios=comp["sensitivity_ratios"])
+                                       calibration=stats, ratios=comp["sensitivity_ratios"],
+                                       blocks=decoder_blocks(model))
         results[label] = {"tokens": sum(b.numel() for b in cut), "seconds": time.perf_counter() - start,
                           "measured": measured}
     pairs = [(name, rank) for name in layers for rank in sorted(results["full"]["measured"][name])]

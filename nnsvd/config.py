@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
 
@@ -237,6 +237,23 @@ class Config:
     checkpoint: str | None = None
     resume: bool = False
     save: bool | None = None  # write the model to the run directory; null: yes, except for checkpoint= evaluations
+
+
+def plain(value: Any) -> Any:
+    """A typed config (or a section of it) as plain JSON data, as ``OmegaConf.to_container(...,
+    enum_to_str=True)`` writes it: dataclasses as dicts in field order, enums as their names.
+
+    The W&B config, model.json and the cache keys are made from this, so they do not depend on
+    whether the config reached them typed or not."""
+    if is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 # ----------------------------------------------------------------- directory names
@@ -466,8 +483,6 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     """Dotted keys that a structured section of ``node`` holds but its dataclass does not declare:
     what ``+key=value`` (or ``++key=value``) adds past the schema. Sections typed ``dict`` or ``Any``
     take any key and are not looked into."""
-    from dataclasses import fields, is_dataclass
-
     kind = OmegaConf.get_type(node)
     if not is_dataclass(kind):
         return []

@@ -10,6 +10,8 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from nnsvd.tracking import main_metric_name
+
 
 class BelowLevel(logging.Filter):
     """Let through only records below ``level``: stdout gets progress, stderr the rest."""
@@ -40,8 +42,8 @@ def closing_line(results: Mapping, run_dir: Path, start: Path) -> str:
     if results["status"] != "ok":
         return f"{results['status']}: {results['error']}; {where}"
     metrics = results["metrics"]
-    key = next((k for k in ("test_acc", "test_ppl") if k in metrics), None)
-    value = "no metric" if key is None else f"{key}={metrics[key]:.4f}"
+    key = main_metric_name(results)
+    value = "no metric" if key not in metrics else f"{key}={metrics[key]:.4f}"
     what = " ".join(str(x) for x in (results["model"], results["mode"]) if x)
     if results.get("rank") is not None:
         what += f" rank {results['rank']}"

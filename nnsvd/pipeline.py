@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import signal
@@ -35,8 +36,20 @@ from nnsvd.checkpoint import (
     save_train_state,
     write_json_atomic,
 )
-from nnsvd.compression import check_compression, compress, needs_calibration
-from nnsvd.config import KIND_MODELS, KIND_OPTIONS, check_known_keys, explicit_model_keys, override_items
+from nnsvd.compression import check_compression, compress, data_aware, needs_calibration
+from nnsvd.config import (
+    KIND_MODELS,
+    KIND_OPTIONS,
+    CompressMethod,
+    Config,
+    EvalConfig,
+    RegularizerConfig,
+    TrainConfig,
+    check_known_keys,
+    explicit_model_keys,
+    override_items,
+    plain,
+)
 from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
@@ -52,12 +65,21 @@ from nnsvd.lowrank import (
     SymmetricLowRankLinear,
     TargetError,
     factorized_layers,
-    is_data_aware,
     lowrank_from_scratch,
 )
 from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
+from nnsvd.tasks.base import Task, task_class
 from nnsvd.threads import set_job_threads
-from nnsvd.tracking import Tracker, flatten, read_results, run_group, wandb_group, write_results
+from nnsvd.tracking import (
+    Tracker,
+    flatten,
+    main_metric,
+    read_results,
+    regularizer_label,
+    run_group,
+    wandb_group,
+    write_results,
+)
 from nnsvd.zero_shot import ZERO_SHOT_KEYS, check_tasks
 
 log = logging.getLogger("nnsvd")
@@ -120,25 +142,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_mode(c: Mapping) -> str:
+def resolve_mode(config: Config) -> str:
     """The flow this run takes: dense, compress, scratch, or evaluate (a checkpoint as it is).
 
     mode=null means dense without a size (rank or compress.ratio) and compress with one; a
     checkpoint without a size is evaluated as it is, whatever it holds.
     """
-    ratio = c["compress"]["ratio"]
-    sized = c["rank"] is not None or ratio is not None
-    mode = c["mode"] or ("compress" if sized else "dense")
+    ratio, rank = config.compress.ratio, config.rank
+    sized = rank is not None or ratio is not None
+    mode = config.mode.value if config.mode is not None else ("compress" if sized else "dense")
     if mode in ("compress", "scratch") and not sized:
         raise ConfigError(
             f"mode={mode} needs a size: add rank=R (e.g. rank=8) or compress.ratio=F (e.g. compress.ratio=0.4)"
         )
     if mode == "dense" and sized:
-        given = f"rank={c['rank']}" if c["rank"] is not None else f"compress.ratio={ratio}"
+        given = f"rank={rank}" if rank is not None else f"compress.ratio={ratio}"
         raise ConfigError(f"mode=dense compresses nothing (got {given}); use mode=compress or mode=scratch")
-    if mode == "scratch" and c["checkpoint"]:
+    if mode == "scratch" and config.checkpoint:
         raise ConfigError("mode=scratch trains from random init and takes no checkpoint; drop checkpoint=")
-    return "evaluate" if mode == "dense" and c["checkpoint"] else mode
+    return "evaluate" if mode == "dense" and config.checkpoint else mode
 
 
 def absolute(path: str | None, start: Path) -> Path | None:
@@ -149,20 +171,16 @@ def absolute(path: str | None, start: Path) -> Path | None:
     return p if p.is_absolute() else (start / p).resolve()
 
 
-def regularizer_label(reg: Mapping) -> str:
-    parts = (["symmetric"] if reg["symmetric"] else []) + (["orthonormal"] if reg["alpha"] > 0 else [])
-    return "+".join(parts) or "none"
-
-
-def compress_label(c: Mapping, flow: str) -> str | None:
+def compress_label(config: Config, flow: str) -> str | None:
     """How a compress run sizes and factorizes, where not the default: ratio0.4-spectrum, whiten+seq…"""
     if flow != "compress":
         return None
-    comp = c["compress"]
-    parts = [] if comp["ratio"] is None else [f"ratio{comp['ratio']:g}", comp["allocation"]]
-    if comp["method"] != "auto":
-        seq = is_data_aware(comp["method"]) and c["calibration"]["sequential"]
-        parts.append(comp["method"] + ("+seq" if seq else "") + (f"+{comp['update']}" if comp["update"] else ""))
+    comp = config.compress
+    parts = [] if comp.ratio is None else [f"ratio{comp.ratio:g}", comp.allocation.value]
+    if comp.method != CompressMethod.auto:
+        seq = data_aware(comp) and config.calibration.sequential
+        update = f"+{comp.update.value}" if comp.update is not None else ""
+        parts.append(comp.method.value + ("+seq" if seq else "") + update)
     return "-".join(parts) or None
 
 
@@ -178,12 +196,13 @@ def run_name(results: Mapping, flow: str, method: str | None = None) -> str:
     return f"{results['model']}-{results['mode']}{rank}{method}-{reg['label']}{alpha}-s{results['seed']}{tail}"
 
 
-def describe_regularizer(reg: Mapping) -> dict:
+def describe_regularizer(reg: RegularizerConfig) -> dict:
+    """The regularizer as results.json records it."""
     return {
-        "name": reg["name"],
-        "label": regularizer_label(reg),
-        "symmetric": reg["symmetric"],
-        "alpha": reg["alpha"],
+        "name": reg.name,
+        "label": regularizer_label(plain(reg)),
+        "symmetric": reg.symmetric,
+        "alpha": reg.alpha,
         "effective": True,
     }
 
@@ -225,24 +244,25 @@ def check_checkpoint_kind(info: CheckpointInfo, model_name: str, choice: str | N
         )
 
 
-def read_source(c: Mapping, flow: str, start: Path, model_choice: str | None, results: dict) -> CheckpointInfo | None:
+def read_source(config: Config, flow: str, start: Path, model_choice: str | None,
+                results: dict) -> CheckpointInfo | None:
     """The checkpoint= of this run, read from its JSON files before anything is loaded, and
     recorded in ``results``; an evaluated checkpoint labels the run as what it is."""
-    if not c["checkpoint"]:
+    if not config.checkpoint:
         return None
-    source = checkpoint_info(absolute(c["checkpoint"], start))
-    check_checkpoint_kind(source, c["model"]["name"], model_choice)
+    source = checkpoint_info(absolute(config.checkpoint, start))
+    check_checkpoint_kind(source, config.model.name, model_choice)
     described = describe_checkpoint(source)
     results["from_checkpoint"] = {"path": str(source.path), "kind": source.kind, **described}
     if flow == "evaluate":
         results.update({k: described[k] for k in ("mode", "rank", "regularizer")})
-        results["seed"] = c["seed"] if described["seed"] is None else described["seed"]
+        results["seed"] = config.seed if described["seed"] is None else described["seed"]
     return source
 
 
-def inherit_evaluation(c: dict, source: CheckpointInfo | None, overrides: list[str], results: dict) -> None:
+def inherit_evaluation(config: Config, source: CheckpointInfo | None, overrides: list[str], results: dict) -> None:
     """checkpoint=RUN_DIR evaluates as the run that made it did: the eval.* settings saved in its
-    .hydra/config.yaml replace this run's, except those given on the command line."""
+    .hydra/config.yaml replace this run's (``config.eval``), except those given on the command line."""
     saved = None if source is None else source.directory / ".hydra" / "config.yaml"
     if saved is None or not saved.is_file():
         return
@@ -252,9 +272,11 @@ def inherit_evaluation(c: dict, source: CheckpointInfo | None, overrides: list[s
         log.warning("could not read the evaluation settings of %s (%s): using this run's", saved, e)
         return
     given = {key.lstrip("+~").split("=", 1)[0] for key in overrides}
-    taken = {k: v for k, v in settings.items() if k in c["eval"] and f"eval.{k}" not in given and c["eval"][k] != v}
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    current = plain(config.eval)
+    taken = {k: v for k, v in settings.items() if k in known and f"eval.{k}" not in given and current[k] != v}
     if taken:
-        c["eval"].update(taken)
+        config.eval = dataclasses.replace(config.eval, **taken)
         log.info("evaluating as the run that made the checkpoint did: %s",
                  " ".join(f"eval.{k}={v}" for k, v in taken.items()))
     results["eval_from"] = str(saved)
@@ -268,56 +290,54 @@ def _local_or_name(value: str | None, start: Path) -> str | None:
     return str(path) if path.exists() or value.startswith((".", "/", "~")) else value
 
 
-def make_task(c: Mapping, device: torch.device, start: Path):
-    data_root = absolute(c["data"]["root"], start)
-    cache_dir = absolute(c["cache"]["dir"], start)
-    for key in ("train_file", "validation_file", "test_file"):
-        if c["data"].get(key):
-            c["data"][key] = str(absolute(c["data"][key], start))
-    for key in ("name_or_path", "tokenizer"):
-        if key in c["model"]:
-            c["model"][key] = _local_or_name(c["model"][key], start)
-    name = c["model"]["name"]
-    if name == "mlp":
-        from nnsvd.tasks.classification import ClassificationTask
+def local_paths(config: Config, start: Path) -> Config:
+    """``config`` with the data files made absolute and a model or tokenizer that is a local path
+    (from the start directory) made absolute; Hub names stay. The dense-cache key is made from these."""
+    data, model = plain(config.data), plain(config.model)
+    files = {k: str(absolute(data[k], start)) for k in ("train_file", "validation_file", "test_file") if data.get(k)}
+    names = {k: _local_or_name(model[k], start) for k in ("name_or_path", "tokenizer") if k in model}
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **files),
+                               model=dataclasses.replace(config.model, **names))
 
-        return ClassificationTask(c, data_root, device, cache_dir)
-    if name == "gpt2":
-        from nnsvd.tasks.language_modeling import GPT2Task
 
-        return GPT2Task(c, data_root, device, cache_dir)
-    if name == "causal_lm":
-        from nnsvd.tasks.language_modeling import LanguageModelingTask
-
-        return LanguageModelingTask(c, data_root, device, cache_dir)
-    raise ConfigError(f"model.name={name!r} is unknown; allowed: mlp, gpt2, causal_lm")
+def make_task(config: Config, device: torch.device, start: Path) -> Task:
+    """The task of ``model.name``, for a config whose paths ``local_paths`` has made absolute."""
+    data_root = absolute(config.data.root, start)
+    cache_dir = absolute(config.cache.dir, start)
+    return task_class(config.model.name)(config, data_root, device, cache_dir)
 
 
 # ------------------------------------------------------------------ the flows
 
 
-def dense_cache_entry(c: Mapping, cache_dir: Path, weights: str | None = None) -> Path:
+def _data_key(data: object) -> dict:
+    """The data settings a trained model depends on: not where the data lies or whether it may be downloaded."""
+    return {k: v for k, v in plain(data).items() if k not in ("root", "download")}
+
+
+def dense_cache_entry(config: Config, cache_dir: Path, weights: str | None = None) -> Path:
     """Cache slot of the dense model trained with this model/data/train config and seed; for a
     model used as it is, ``weights`` (what was loaded) is part of the key too."""
-    data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
-    model = {k: v for k, v in c["model"].items() if k not in ("targets", "sample_prompt", "sample_tokens")}
-    parts = {"model": model, "data": data, "train": c["train"], "seed": c["seed"]}
+    model = {k: v for k, v in plain(config.model).items() if k not in ("targets", "sample_prompt", "sample_tokens")}
+    parts = {"model": model, "data": _data_key(config.data), "train": plain(config.train), "seed": config.seed}
     key = cache_key(parts if weights is None else {**parts, "weights": weights})
-    return cache_dir / "dense" / f"{c['model']['name']}-{key}"
+    return cache_dir / "dense" / f"{config.model.name}-{key}"
 
 
-def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict, run_dir: Path, fresh):
+def obtain_dense(task: Task, config: Config, start: Path, tracker: Tracker, results: dict, run_dir: Path,
+                 fresh: torch.nn.Module) -> tuple[torch.nn.Module, Path | None]:
     """(the dense model, its dense-cache entry or None): from the dense cache, else ``fresh`` (a
     just-built model) trained now. A model with nothing to train (a pretrained one) is used as it
     is; its entry then holds only its cached evaluations."""
-    if c["train"][task.length_key] == 0:
+    cache_dir = absolute(config.cache.dir, start)
+    if task.length(config.train) == 0:
         results["dense_source"] = "built"
-        entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start), task.weights) if c["cache"]["dense"] else None
+        entry = dense_cache_entry(config, cache_dir, task.weights) if config.cache.dense else None
         return fresh, entry
-    if not c["cache"]["dense"]:
+    if not config.cache.dense:
         results["dense_source"] = "trained"
-        return _train_dense(task, fresh, c, tracker, results, run_dir), None
-    entry = dense_cache_entry(c, absolute(c["cache"]["dir"], start))
+        return _train_dense(task, fresh, config, tracker, results, run_dir), None
+    entry = dense_cache_entry(config, cache_dir)
     # parallel jobs wait here instead of training the same model twice
     with doing("getting the dense model from the cache"), locked(entry):
         if entry.is_dir():
@@ -325,9 +345,10 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
             results["dense_source"] = f"cache:{entry}"
             log.info("dense model loaded from cache %s", entry)
             return model, entry
-        model = _train_dense(task, fresh, c, tracker, results, run_dir)
+        model = _train_dense(task, fresh, config, tracker, results, run_dir)
         tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")  # atomic: readers never see half a model
-        meta = {"model": c["model"]["name"], "mode": "dense", "rank": None, "seed": c["seed"], "train": c["train"]}
+        meta = {"model": config.model.name, "mode": "dense", "rank": None, "seed": config.seed,
+                "train": plain(config.train)}
         with doing("saving the dense model to the cache"):
             task.save(model, tmp, meta=meta)
             os.replace(tmp, entry)
@@ -337,17 +358,18 @@ def obtain_dense(task, c: Mapping, start: Path, tracker: Tracker, results: dict,
         return model, entry
 
 
-def evaluate_dense(task, model, c: Mapping, entry: Path | None, device: torch.device) -> dict:
+def evaluate_dense(task: Task, model: torch.nn.Module, config: Config, entry: Path | None,
+                   device: torch.device) -> dict:
     """The dense model's metrics, kept beside it in the dense cache (keyed by the evaluation and
     data settings and the device type) so that the jobs of a sweep evaluate it once."""
     if entry is None:
         return task.evaluate(model)
-    data = {k: v for k, v in c["data"].items() if k not in ("root", "download")}
-    evaluation = dict(c["eval"])
+    evaluation = plain(config.eval)
     if not evaluation.get("tasks"):  # without zero-shot tasks: the key the cache had before those keys existed
         for key in ZERO_SHOT_KEYS:
             evaluation.pop(key, None)
-    path = entry / f"eval-{cache_key({'eval': evaluation, 'data': data, 'device': device.type})}.json"
+    parts = {"eval": evaluation, "data": _data_key(config.data), "device": device.type}
+    path = entry / f"eval-{cache_key(parts)}.json"
     with locked(path):
         cached = read_json(path)
         if cached is not None:
@@ -358,14 +380,15 @@ def evaluate_dense(task, model, c: Mapping, entry: Path | None, device: torch.de
         return metrics
 
 
-def _train_dense(task, model, c: Mapping, tracker: Tracker, results: dict, run_dir: Path):
-    return train_phase(task, model, "dense", c["train"], 0.0, tracker, results, run_dir, c["resume"])
+def _train_dense(task: Task, model: torch.nn.Module, config: Config, tracker: Tracker, results: dict,
+                 run_dir: Path) -> torch.nn.Module:
+    return train_phase(task, model, "dense", config.train, 0.0, tracker, results, run_dir, config.resume)
 
 
 def train_phase(
-    task, model, phase: str, train_cfg: Mapping, alpha: float, tracker: Tracker, results: dict, run_dir: Path,
-    resume: bool,
-):
+    task: Task, model: torch.nn.Module, phase: str, train_cfg: TrainConfig, alpha: float, tracker: Tracker,
+    results: dict, run_dir: Path, resume: bool,
+) -> torch.nn.Module:
     """Train ``model`` for one phase (dense, scratch, finetune), resumable after a signal.
 
     With resume, a state saved by an interrupted run of this phase is loaded first (weights,
@@ -412,25 +435,27 @@ def _logger(tracker: Tracker, phase: str):
 
 
 def run_experiment(
-    c: Mapping, flow: str, source: CheckpointInfo | None, run_dir: Path, start: Path, tracker: Tracker,
+    config: Config, flow: str, source: CheckpointInfo | None, run_dir: Path, start: Path, tracker: Tracker,
     results: dict,
 ) -> None:
     """The linear flow. Fills ``results`` in place so a failure keeps what was measured."""
-    reg = c["regularizer"]
-    alpha, symmetric = float(reg["alpha"]), bool(reg["symmetric"])
-    rank = c["rank"]
+    reg = config.regularizer
+    alpha, symmetric = float(reg.alpha), bool(reg.symmetric)
+    rank = config.rank
     timing = results["timing"]
-    device = resolve_device(c["device"])
+    device = resolve_device(config.device)
     results["device"] = str(device)
 
-    if c["eval"].get("tasks") and c["model"]["name"] == "mlp":
-        raise ConfigError(f"eval.tasks={list(c['eval']['tasks'])} scores language models with lm-eval; model=mlp "
+    if config.eval.tasks and config.model.name == "mlp":
+        raise ConfigError(f"eval.tasks={list(config.eval.tasks)} scores language models with lm-eval; model=mlp "
                           "is scored by accuracy: use eval.tasks=null")
-    zero_shot = check_tasks(c["eval"], start)  # lm-eval present, every task known: before any data or model
-    task = make_task(c, device, start)
+    zero_shot = check_tasks(plain(config.eval), start)  # lm-eval present, every task known: before any data or model
+    config = local_paths(config, start)
+    task = make_task(config, device, start)
     task.zero_shot = zero_shot
     results["weights"] = task.weights
-    torch.manual_seed(c["seed"])
+    results["main_metric_name"] = task.main_metric
+    torch.manual_seed(config.seed)
     with doing("loading the model"):
         if source is not None:
             model, _ = task.open_checkpoint(source.path, explicit_model_keys(results["overrides"]))
@@ -441,13 +466,13 @@ def run_experiment(
     targets: list[str] = []
     if flow in ("compress", "scratch"):
         targets = task.targets(model)  # model.targets, or (causal_lm, null) the model type's defaults
-        rank = check_compression(c, flow, task, model, targets, symmetric)  # the rank, uniform ranks, or None (allocated later)
+        rank = check_compression(config, flow, task, model, targets, symmetric)  # the rank, uniform ranks, or None (allocated later)
     with doing("reading the data"):
         task.prepare()  # loads the data: a missing dataset fails here
         batches = None
-        if needs_calibration(c, flow):
-            batches = task.calibration_batches(c["calibration"], model)  # drawn now: a bad setting fails before training
-    if flow == "compress" and alpha > 0 and c["finetune"][task.length_key] == 0:
+        if needs_calibration(config.compress, flow):
+            batches = task.calibration_batches(config.calibration, model)  # drawn now: a bad setting fails before training
+    if flow == "compress" and alpha > 0 and task.length(config.finetune) == 0:
         log.warning(
             "regularizer.alpha=%g has no effect: compress mode applies the orthonormal penalty only while "
             "fine-tuning; set finetune.%s > 0", alpha, task.length_key,
@@ -458,26 +483,26 @@ def run_experiment(
     report, entry = None, None
     if flow == "scratch":
         report = lowrank_from_scratch(model, targets, rank, symmetric=symmetric)
-        model = train_phase(task, model, "scratch", c["train"], alpha, tracker, results, run_dir, c["resume"])
+        model = train_phase(task, model, "scratch", config.train, alpha, tracker, results, run_dir, config.resume)
     elif flow == "evaluate":
         report = structure_report(model)
     elif source is None:
-        model, entry = obtain_dense(task, c, start, tracker, results, run_dir, fresh=model)
+        model, entry = obtain_dense(task, config, start, tracker, results, run_dir, fresh=model)
 
     t = time.perf_counter()
     with doing("evaluating the dense model" if flow in ("dense", "compress") else f"evaluating the {flow} model"):
-        final = evaluate_dense(task, model, c, entry, device) if flow in ("dense", "compress") else task.evaluate(model)
+        final = evaluate_dense(task, model, config, entry, device) if flow in ("dense", "compress") else task.evaluate(model)
     timing["eval_s"] += time.perf_counter() - t
 
     if flow == "compress":
         metrics.update({f"dense_{k}": v for k, v in final.items()})
-        dense = copy.deepcopy(model) if hasattr(task, "bound") else None
+        dense = copy.deepcopy(model) if task.supports_bound else None
         if _finished.get("phase") == "dense":
             _finished.clear()  # compression changes that model in place: it is no longer the trained dense one
         t = time.perf_counter()
         with doing("calibrating and compressing"):
-            report, results["compress"] = compress(task, model, c, targets, symmetric, batches,
-                                                   absolute(c["cache"]["dir"], start))
+            report, results["compress"] = compress(task, model, config, targets, symmetric, batches,
+                                                   absolute(config.cache.dir, start))
         timing["compress_s"] = time.perf_counter() - t
         (run_dir / LAYERS_TABLE).write_text(f"{report}\n")
         log.info("compressed %d layers in %.2fs (every layer: %s)\n%s", len(report.layers), timing["compress_s"],
@@ -487,8 +512,9 @@ def run_experiment(
             final = task.evaluate(model)
         timing["eval_s"] += time.perf_counter() - t
         metrics.update({f"compressed_{k}": v for k, v in final.items()})
-        if c["finetune"][task.length_key] > 0:
-            model = train_phase(task, model, "finetune", c["finetune"], alpha, tracker, results, run_dir, c["resume"])
+        if task.length(config.finetune) > 0:
+            model = train_phase(task, model, "finetune", config.finetune, alpha, tracker, results, run_dir,
+                                config.resume)
             t = time.perf_counter()
             with doing("evaluating the fine-tuned model"):
                 final = task.evaluate(model)
@@ -503,21 +529,22 @@ def run_experiment(
     results["params"] = param_summary(model).to_dict()
     if report is not None:
         results["layers"] = report.to_rows()
-    if hasattr(task, "sample"):
+    if task.supports_sample:
         with doing("generating the sample"):
             results["sample"] = task.sample(model)
         tracker.text("sample", results["sample"])
 
-    if should_save(c, flow):
+    if should_save(config, flow):
         with doing("saving the model"):
-            results["checkpoint"] = str(task.save(model, run_dir, meta=checkpoint_meta(c, flow, results, run_dir)))
+            meta = checkpoint_meta(config, flow, results, run_dir)
+            results["checkpoint"] = str(task.save(model, run_dir, meta=meta))
     clear_train_state(run_dir)
 
 
-def should_save(c: Mapping, flow: str) -> bool:
+def should_save(config: Config, flow: str) -> bool:
     """save=null writes the model of every run that made one (dense, compress, scratch), not of a
     checkpoint evaluated as it is (its copy would be the checkpoint again)."""
-    return flow != "evaluate" if c["save"] is None else bool(c["save"])
+    return flow != "evaluate" if config.save is None else bool(config.save)
 
 
 def structure_report(model: torch.nn.Module) -> CompressionReport:
@@ -532,10 +559,10 @@ def structure_report(model: torch.nn.Module) -> CompressionReport:
     return report
 
 
-def checkpoint_meta(c: Mapping, flow: str, results: Mapping, run_dir: Path) -> dict:
+def checkpoint_meta(config: Config, flow: str, results: Mapping, run_dir: Path) -> dict:
     """What is saved with a model so that a later checkpoint= run can say what it is."""
     source = results.get("from_checkpoint") or {}
-    method = {"compress": c["compress"]["method"], "evaluate": source.get("method")}.get(flow)
+    method = {"compress": config.compress.method.value, "evaluate": source.get("method")}.get(flow)
     return {
         "model": results["model"],
         "mode": results["mode"],
@@ -622,19 +649,19 @@ def run_job(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     start = Path(hc.runtime.cwd)
     multirun = hc.mode == RunMode.MULTIRUN
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config: Config = OmegaConf.to_object(cfg)
     set_job_threads(OmegaConf.to_container(hc.launcher), multirun)  # parallel jobs share the cores
 
-    if restart_count() and not c["resume"]:
+    if restart_count() and not config.resume:
         # SLURM ran this job before, in this job dir: never start over what it saved.
-        c["resume"] = True
+        config.resume = True
         if has_train_state(run_dir) or (read_results(run_dir) or {}).get("status") == "ok":
             log.info("SLURM requeued job %s (restart %d): continuing where it stopped, as with resume=true",
                      slurm_job_id(), restart_count())
         else:
             log.warning("SLURM requeued job %s (restart %d) but %s holds no saved state (the job was killed before "
                         "it could save): starting over", slurm_job_id(), restart_count(), run_dir)
-    if c["resume"]:
+    if config.resume:
         previous = read_results(run_dir)
         if previous and previous.get("status") == "ok":
             log.info("resume: %s already finished ok; skipping", run_dir)
@@ -643,16 +670,17 @@ def run_job(cfg: DictConfig) -> float | None:
     results: dict = {
         "status": "running",
         "error": None,
-        "model": c["model"]["name"],
+        "model": config.model.name,
         "mode": None,  # what the model is: dense, compress, scratch (or a checkpoint's)
         "flow": None,  # what this run did: dense, compress, scratch, or evaluate (a checkpoint as it is)
-        "rank": c["rank"],
-        "regularizer": describe_regularizer(c["regularizer"]),
-        "seed": c["seed"],
+        "rank": config.rank,
+        "regularizer": describe_regularizer(config.regularizer),
+        "seed": config.seed,
         "from_checkpoint": None,
         "weights": None,
         "eval_from": None,
         "overrides": list(hc.overrides.task),
+        "main_metric_name": None,  # the task's: which of the metrics main_metric is
         "metrics": {},
         "params": {},
         "bound": None,
@@ -670,23 +698,24 @@ def run_job(cfg: DictConfig) -> float | None:
     restore = _install_stop_handlers()
     try:
         check_known_keys(cfg)  # +rnak=8 would otherwise be ignored
-        flow = resolve_mode(c)
+        flow = resolve_mode(config)
         results["flow"] = flow
         results["mode"] = None if flow == "evaluate" else flow  # evaluate: the checkpoint's, below
-        source = read_source(c, flow, start, hc.runtime.choices.get("model"), results)
-        inherit_evaluation(c, source, results["overrides"], results)
+        source = read_source(config, flow, start, hc.runtime.choices.get("model"), results)
+        inherit_evaluation(config, source, results["overrides"], results)
+        wandb = config.wandb
         tracker = Tracker(
-            mode=c["wandb"]["mode"],
-            project=c["wandb"]["project"],
-            entity=c["wandb"]["entity"],
-            group=c["wandb"]["group"] or default_group(hc, multirun),
-            name=run_name(results, flow, compress_label(c, flow)),
+            mode=wandb.mode.value,
+            project=wandb.project,
+            entity=wandb.entity,
+            group=wandb.group or default_group(hc, multirun),
+            name=run_name(results, flow, compress_label(config, flow)),
             job_type=flow,
-            tags=c["wandb"]["tags"],
-            config={**c, **{k: results[k] for k in ("mode", "rank", "regularizer", "from_checkpoint")}},
+            tags=list(wandb.tags),
+            config={**plain(config), **{k: results[k] for k in ("mode", "rank", "regularizer", "from_checkpoint")}},
             run_dir=run_dir,
         )
-        run_experiment(c, flow, source, run_dir, start, tracker, results)
+        run_experiment(config, flow, source, run_dir, start, tracker, results)
         ok = True
         results["status"] = "ok"
     except (NNSVDError, RankError, TargetError, CalibrationError, BudgetError, StatisticsStoreError) as exc:
@@ -703,7 +732,7 @@ def run_job(cfg: DictConfig) -> float | None:
     finally:
         _phase[0] = "between phases"
         results["timing"]["total_s"] = time.perf_counter() - started
-        main = results["metrics"].get("test_acc", results["metrics"].get("test_ppl"))
+        main = main_metric(results)
         results["main_metric"] = main
         write_results(run_dir, results)
         if tracker is not None:

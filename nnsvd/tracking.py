@@ -46,6 +46,32 @@ def write_results(run_dir: Path, results: Mapping) -> Path:
     return path
 
 
+# What results.json written before it named its main metric holds: the first of these in its metrics.
+LEGACY_MAIN_METRICS = ("test_acc", "test_ppl")
+
+
+def main_metric_name(results: Mapping) -> str | None:
+    """The name of a run's main metric: results.json's ``main_metric_name`` (the task's), else, for
+    an older file, the first of LEGACY_MAIN_METRICS among its metrics."""
+    name = results.get("main_metric_name")
+    if name:
+        return name
+    metrics = results.get("metrics") or {}
+    return next((key for key in LEGACY_MAIN_METRICS if key in metrics), None)
+
+
+def main_metric(results: Mapping) -> float | None:
+    """The value of a run's main metric, or None."""
+    name = main_metric_name(results)
+    return None if name is None else (results.get("metrics") or {}).get(name)
+
+
+def regularizer_label(reg: Mapping) -> str:
+    """The regularizer in a word or two: none, symmetric, orthonormal, symmetric+orthonormal."""
+    parts = (["symmetric"] if reg["symmetric"] else []) + (["orthonormal"] if reg["alpha"] > 0 else [])
+    return "+".join(parts) or "none"
+
+
 def _finite(value):
     """JSON has no NaN/inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):

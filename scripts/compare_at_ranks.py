@@ -27,6 +27,7 @@ from transformers import GPT2LMHeadModel
 
 from nnsvd import compress_model
 from nnsvd.calibration_data import draw_samples
+from nnsvd.config import CalibrationConfig
 from nnsvd.data.text import pack_blocks
 from nnsvd.lowrank import compress_with_calibration, resolve_factorizer
 from nnsvd.perplexity import evaluate_perplexity
@@ -72,7 +73,7 @@ def main() -> None:
     test = byte_stream(a.data_root, "test", a.tokens)
     blocks = pack_blocks(byte_stream(a.data_root, "train"), 128)
     picked = draw_samples(
-        len(blocks), {"samples": a.samples, "seed": a.seed, "split": "train"}, unit="blocks of 128 bytes"
+        len(blocks), CalibrationConfig(samples=a.samples, seed=a.seed, split="train"), unit="blocks of 128 bytes"
     )
     batches = list(blocks[picked].split(32))
     loss_fn = LanguageModelingTask.calibration_loss

@@ -27,7 +27,7 @@ from nnsvd.config import register_configs
 from nnsvd.lowrank import collect_statistics, decoder_blocks
 from nnsvd.lowrank.allocation import target_shapes
 from nnsvd.lowrank.sensitivity import measure_sensitivity
-from nnsvd.pipeline import make_task
+from nnsvd.pipeline import local_paths, make_task
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = "model.layers.0.self_attn.k_proj,model.layers.14.mlp.down_proj,model.layers.29.self_attn.o_proj"
@@ -59,25 +59,25 @@ def main() -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["model=smollm2", "compress.method=whiten", *args.overrides])
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config = local_paths(OmegaConf.to_object(cfg), Path.cwd())
     torch.set_grad_enabled(False)
-    task = make_task(c, torch.device("cpu"), Path.cwd())
+    task = make_task(config, torch.device("cpu"), Path.cwd())
     model = task.build()
     task.prepare()
-    batches = task.calibration_batches(c["calibration"], model)
+    batches = task.calibration_batches(config.calibration, model)
     layers = args.layers.split(",")
     shapes = target_shapes(model, layers)
     stats = collect_statistics(model, layers, batches, task.calibration_loss)
-    comp = c["compress"]
+    comp = config.compress
     settings = {
-        "shortcut": measurement_batches(batches, comp["sensitivity_samples"], comp["sensitivity_seq_len"]),
+        "shortcut": measurement_batches(batches, comp.sensitivity_samples, comp.sensitivity_seq_len),
         "full": measurement_batches(batches, args.full_samples, None),
     }
     results = {}
     for label, cut in settings.items():
         start = time.perf_counter()
         measured = measure_sensitivity(model, shapes, cut, task.calibration_loss, method=factorizer(comp),
-                                       calibration=stats, ratios=comp["sensitivity_ratios"],
+                                       calibration=stats, ratios=comp.sensitivity_ratios,
                                        blocks=decoder_blocks(model))
         results[label] = {"tokens": sum(b.numel() for b in cut), "seconds": time.perf_counter() - start,
                           "measured": measured}

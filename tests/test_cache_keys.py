@@ -7,6 +7,7 @@ the key (a typed section instead of a dict, an enum instead of its string) must 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from nnsvd.compression import sensitivity_key, statistics_store
-from nnsvd.config import register_configs
-from nnsvd.pipeline import dense_cache_entry, evaluate_dense, make_task
+from nnsvd.config import Config, plain, register_configs
+from nnsvd.pipeline import dense_cache_entry, evaluate_dense, local_paths, make_task
 
 register_configs()
 START = Path("/nnsvd-start")  # the directory the run starts in: relative paths resolve against it (never created)
@@ -46,6 +47,11 @@ def _compose(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def _config(*overrides: str) -> Config:
+    """The typed config a run builds, as run_job does."""
+    return OmegaConf.to_object(_compose(*overrides))
+
+
 class _Scored:
     """A task whose evaluation is a constant: evaluate_dense then writes its cache file."""
 
@@ -56,11 +62,11 @@ class _Scored:
 
 def _dense_names(model: str, tmp_path: Path, *overrides: str) -> tuple[str, str]:
     """The dense-cache entry a run of ``model=<model>`` uses, and the file its dense evaluation is kept in."""
-    c = OmegaConf.to_container(_compose(f"model={model}", *overrides), resolve=True, enum_to_str=True)
-    task = make_task(c, torch.device("cpu"), START)
-    weights = task.weights if c["train"][task.length_key] == 0 else None
-    entry = dense_cache_entry(c, tmp_path, weights)
-    evaluate_dense(_Scored(), None, c, entry, torch.device("cpu"))
+    config = local_paths(_config(f"model={model}", *overrides), START)  # as run_experiment does
+    task = make_task(config, torch.device("cpu"), START)
+    weights = task.weights if task.length(config.train) == 0 else None
+    entry = dense_cache_entry(config, tmp_path, weights)
+    evaluate_dense(_Scored(), None, config, entry, torch.device("cpu"))
     (written,) = [p.name for p in entry.glob("eval-*.json")]
     return entry.name, written
 
@@ -129,14 +135,24 @@ def test_statistics_keys_are_pinned(overrides, tmp_path):
 
 
 def _sensitivity_key(*overrides: str) -> str:
-    c = OmegaConf.to_container(_compose("model=gpt2", *overrides), resolve=True, enum_to_str=True)
+    config = _config("model=gpt2", *overrides)
     model, batches = _tiny()
-    ratios = [float(r) for r in c["compress"]["sensitivity_ratios"]]
-    return sensitivity_key(model, {"0": (3, 4)}, batches, c["compress"], ratios)
+    ratios = [float(r) for r in config.compress.sensitivity_ratios]
+    return sensitivity_key(model, {"0": (3, 4)}, batches, config.compress, ratios)
 
 
 def _statistics_key(tmp_path: Path, *overrides: str) -> str | None:
-    c = OmegaConf.to_container(_compose("model=gpt2", *overrides), resolve=True, enum_to_str=True)
     model, batches = _tiny()
-    store = statistics_store(GPT2Task(), model, c, {"0": (3, 4)}, batches, tmp_path)
+    store = statistics_store(GPT2Task(), model, _config("model=gpt2", *overrides), {"0": (3, 4)}, batches, tmp_path)
     return None if store is None else store.root.name
+
+
+@pytest.mark.parametrize("model", sorted(DENSE))
+@pytest.mark.parametrize("extra", [(), ("compress.method=whiten", "compress.update=block", "compress.ratio=0.4",
+                                        "compress.allocation=spectrum", "mode=compress", "wandb.mode=disabled")])
+def test_the_typed_config_writes_as_the_composed_one(model, extra):
+    """The W&B config (and model.json) are made with ``plain``: the same keys, order and values as
+    the composed config, enums as their names."""
+    cfg = _compose(f"model={model}", *extra)
+    expected = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert json.dumps(plain(OmegaConf.to_object(cfg))) == json.dumps(expected)

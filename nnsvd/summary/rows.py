@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from nnsvd.pipeline import regularizer_label
-from nnsvd.tracking import RESULTS, read_results
+from nnsvd.tracking import RESULTS, read_results, regularizer_label
 
-# The main metric of each model, and how to show it: (axis label, y scale, number format).
+# The main metric of each model, where a job's results.json does not name it (written before it did, or
+# no results.json at all), and how to show each: (axis label, y scale, number format).
 METRICS = {"mlp": "test_acc", "gpt2": "test_ppl", "causal_lm": "test_ppl"}
 METRIC_STYLES = {
     "test_acc": ("test accuracy", "linear", "{:.4f}"),
@@ -103,7 +103,7 @@ def job_row(job_dir: Path) -> dict:
     budget = (results.get("compress") or {}).get("budget") or {}
     metrics = results.get("metrics") or {}
     params = results.get("params") or {}
-    metric = METRICS.get(results.get("model"))
+    metric = results.get("main_metric_name") or METRICS.get(results.get("model"))
     value = metrics.get(metric) if metric else None
     row.update(
         status=results.get("status", "unknown"),

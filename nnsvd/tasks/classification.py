@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -16,9 +17,11 @@ from torch import Tensor, nn
 from nnsvd.bounds import output_error_bound
 from nnsvd.calibration_data import draw_samples
 from nnsvd.checkpoint import load_checkpoint, save_checkpoint
+from nnsvd.config import CalibrationConfig, Config, MLPConfig, MNISTDataConfig, TrainConfig, plain
 from nnsvd.data.mnist import MNISTSplits, load_mnist
 from nnsvd.errors import DataError
 from nnsvd.models.mlp import MLP
+from nnsvd.tasks.base import Task
 from nnsvd.train import TrainResult, evaluate_classifier, train_classifier
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def build_mlp(model_cfg: Mapping) -> MLP:
+    """The MLP of a model config as model.json keeps it."""
     return MLP(
         in_features=model_cfg["in_features"],
         hidden=model_cfg["hidden"],
@@ -35,13 +39,14 @@ def build_mlp(model_cfg: Mapping) -> MLP:
     )
 
 
-def _load_splits(mnist_root: Path, data_cfg: Mapping, seed: int, device: torch.device, cache_dir: Path | None):
+def _load_splits(mnist_root: Path, data_cfg: MNISTDataConfig, seed: int, device: torch.device,
+                 cache_dir: Path | None) -> MNISTSplits:
     """MNIST tensors, through a safetensors copy in the cache so later runs skip torchvision."""
     raw = mnist_root / "MNIST" / "raw"
     stamp = [(f, (raw / f).stat().st_size) for f in RAW_FILES if (raw / f).exists()]
     cached = None
     if cache_dir is not None and len(stamp) == len(RAW_FILES):
-        key = hashlib.sha256(repr((str(raw.resolve()), stamp, data_cfg["val_size"], seed)).encode()).hexdigest()[:16]
+        key = hashlib.sha256(repr((str(raw.resolve()), stamp, data_cfg.val_size, seed)).encode()).hexdigest()[:16]
         cached = cache_dir / "mnist" / f"splits-{key}.safetensors"
         if cached.is_file():
             try:
@@ -50,7 +55,7 @@ def _load_splits(mnist_root: Path, data_cfg: Mapping, seed: int, device: torch.d
             except Exception as exc:  # a damaged cache file is rebuilt, never trusted
                 log.warning("ignoring unreadable MNIST cache %s (%s)", cached, exc)
     splits = load_mnist(
-        mnist_root, val_size=data_cfg["val_size"], seed=seed, download=data_cfg["download"], device=device
+        mnist_root, val_size=data_cfg.val_size, seed=seed, download=data_cfg.download, device=device
     )
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -60,24 +65,27 @@ def _load_splits(mnist_root: Path, data_cfg: Mapping, seed: int, device: torch.d
     return splits
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """The MNIST MLP experiment. Main metric: test accuracy (higher is better)."""
 
     main_metric = "test_acc"
     higher_is_better = True
     length_key = "epochs"
     calibrates_by_block = False  # data-aware compression calibrates the whole MLP at once (or l1, then l2)
-    weights = None  # where a pretrained model's weights came from (none: the MLP is trained here)
+    supports_bound = True
 
-    def __init__(self, cfg: Mapping, data_root: Path, device: torch.device, cache_dir: Path | None):
-        self.model_cfg = dict(cfg["model"])
-        self.data_cfg = cfg["data"]
+    def __init__(self, cfg: Config, data_root: Path, device: torch.device, cache_dir: Path | None):
+        self.model_cfg: MLPConfig = cfg.model
+        self.data_cfg: MNISTDataConfig = cfg.data
         self.data_root, self.cache_dir = data_root, cache_dir
-        self.eval_batch = cfg["eval"]["batch_size"]
-        self.eval_validation = cfg["eval"]["validation"]
+        self.eval_batch = cfg.eval.batch_size
+        self.eval_validation = cfg.eval.validation
         self.device = device
-        self.seed = cfg["seed"]
+        self.seed = cfg.seed
         self.data: MNISTSplits | None = None
+
+    def length(self, train: TrainConfig) -> int:
+        return train.epochs
 
     def prepare(self) -> None:
         """Load MNIST (a missing or unreadable dataset fails here).
@@ -94,13 +102,13 @@ class ClassificationTask:
         self.data = _load_splits(self.data_root / "mnist", self.data_cfg, self.seed, self.device, self.cache_dir)
 
     def build(self) -> nn.Module:
-        return build_mlp(self.model_cfg).to(self.device)
+        return build_mlp(plain(self.model_cfg)).to(self.device)
 
     def targets(self, model: nn.Module) -> list[str]:
-        return list(self.model_cfg["targets"])
+        return list(self.model_cfg.targets)
 
     def train(
-        self, model: nn.Module, train_cfg: Mapping, *, alpha: float, log_fn: Callable[[dict], None], desc: str,
+        self, model: nn.Module, train_cfg: TrainConfig, *, alpha: float, log_fn: Callable[[dict], None], desc: str,
         lr_key: str, should_stop: Callable[[], bool] | None = None, resume_state: dict | None = None,
     ) -> TrainResult:
         d = self.data
@@ -108,10 +116,10 @@ class ClassificationTask:
             model,
             d.train_x,
             d.train_y,
-            epochs=train_cfg["epochs"],
-            batch_size=train_cfg["batch_size"],
-            lr=train_cfg["lr"],
-            weight_decay=train_cfg["weight_decay"],
+            epochs=train_cfg.epochs,
+            batch_size=train_cfg.batch_size,
+            lr=train_cfg.lr,
+            weight_decay=train_cfg.weight_decay,
             alpha=alpha,
             seed=self.seed,
             evaluate=lambda m: {"val/acc": evaluate_classifier(m, d.val_x, d.val_y, self.eval_batch)[0]},
@@ -130,12 +138,12 @@ class ClassificationTask:
             metrics["val_acc"] = evaluate_classifier(model, d.val_x, d.val_y, self.eval_batch)[0]
         return metrics
 
-    def calibration_batches(self, cal: Mapping, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    def calibration_batches(self, cal: CalibrationConfig, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
         """``cal.samples`` images of the training data (never test), drawn with ``cal.seed``, in batches."""
         d = self.data
-        x, y = (d.train_x, d.train_y) if cal["split"] == "train" else (d.val_x, d.val_y)
+        x, y = (d.train_x, d.train_y) if cal.split == "train" else (d.val_x, d.val_y)
         idx = draw_samples(len(x), cal, unit="images")
-        return list(zip(x[idx].split(cal["batch_size"]), y[idx].split(cal["batch_size"])))
+        return list(zip(x[idx].split(cal.batch_size), y[idx].split(cal.batch_size)))
 
     @staticmethod
     def calibration_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -147,16 +155,19 @@ class ClassificationTask:
         return output_error_bound(dense.linear_layers(), compressed.linear_layers(), self.data.test_x).summary()
 
     def save(self, model: nn.Module, directory: Path, meta: Mapping | None = None) -> Path:
-        return save_checkpoint(model, directory, self.model_cfg, meta)
+        return save_checkpoint(model, directory, plain(self.model_cfg), meta)
 
     def load(self, path: str | Path) -> tuple[nn.Module, dict]:
         """A model this run saved (dense cache, interrupted state): of this run's architecture."""
-        model, record = load_checkpoint(path, build_mlp, self.model_cfg)
+        model, record = load_checkpoint(path, build_mlp, plain(self.model_cfg))
         return model.to(self.device), record
 
     def open_checkpoint(self, path: str | Path, explicit: set[str]) -> tuple[nn.Module, dict]:
         """The user's checkpoint=: its own architecture is used; model.* keys given on the
         command line (``explicit``) must agree with it."""
-        model, record = load_checkpoint(path, build_mlp, {k: v for k, v in self.model_cfg.items() if k in explicit})
-        self.model_cfg.update({k: v for k, v in record["model"].items() if k != "targets" and k not in explicit})
+        given = plain(self.model_cfg)
+        model, record = load_checkpoint(path, build_mlp, {k: v for k, v in given.items() if k in explicit})
+        known = {f.name for f in fields(MLPConfig)}
+        saved = {k: v for k, v in record["model"].items() if k in known and k != "targets" and k not in explicit}
+        self.model_cfg = replace(self.model_cfg, **saved)
         return model.to(self.device), record

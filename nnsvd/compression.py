@@ -405,8 +405,9 @@ def record(config: Config, report: CompressionReport, batches: list | None, shap
     out = {"method": comp.method.value, "options": method_options(comp), "calibration": None}
     if batches is not None:
         sequences = not isinstance(batches[0], tuple | list)
+        settings = plain(cal)
         out["calibration"] = {
-            **{k: plain(cal)[k] for k in ("samples", "batch_size", "seed", "split", "sequential")},
+            **{k: settings[k] for k in ("samples", "batch_size", "seed", "split", "sequential")},
             "seq_len": batches[0].shape[1] if sequences else None,  # as resolved (null: the evaluation window)
             "fisher": wants_fisher(comp, cal),
             "tokens": sum(b[0].shape[0] if isinstance(b, tuple | list) else b.numel() for b in batches),

@@ -182,7 +182,7 @@ def block_update(comp: Mapping) -> BlockUpdate | None:
     if comp["update"] is None:
         return None
     return BlockUpdate(steps=comp["update_steps"], lr=comp["update_lr"], holdout=comp["update_holdout"],
-                       eval_every=comp["update_eval_every"])
+                       eval_every=comp["update_eval_every"], kind=comp["update"])
 
 
 def check_sensitivity(c: Mapping, task) -> None:

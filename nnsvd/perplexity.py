@@ -85,6 +85,14 @@ def resolve_window(
     return max_length, stride
 
 
+def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """The causal LM's mean next-token loss on a batch of sequences, −(1/N)·Σ_t log p(x_t | x_<t)
+    over the N = batch·(L − 1) predicted tokens: the model's own loss with labels = inputs.
+
+    A ``loss_fn`` for the engine's calibration and sensitivity passes (``loss_fn(model, batch)``)."""
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
 def _autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA devices that support it; a no-op context elsewhere."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -29,8 +29,7 @@ from nnsvd import compress_model
 from nnsvd.calibration_data import draw_samples
 from nnsvd.data.text import pack_blocks
 from nnsvd.lowrank import compress_with_calibration, resolve_factorizer
-from nnsvd.perplexity import evaluate_perplexity
-from nnsvd.tasks.language_modeling import LanguageModelingTask
+from nnsvd.perplexity import evaluate_perplexity, lm_loss
 
 
 def sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:
@@ -75,7 +74,6 @@ def main() -> None:
         len(blocks), {"samples": a.samples, "seed": a.seed, "split": "train"}, unit="blocks of 128 bytes"
     )
     batches = list(blocks[picked].split(32))
-    loss_fn = LanguageModelingTask.calibration_loss
 
     def ppl(model) -> float:
         return evaluate_perplexity(model, test, batch_size=64)["ppl"]
@@ -89,7 +87,7 @@ def main() -> None:
         compress_model(plain, list(ranks), rank=ranks, method="svd")
         white = copy.deepcopy(dense)
         compress_with_calibration(
-            white, list(ranks), ranks, batches=batches, loss_fn=loss_fn, method=resolve_factorizer("whiten")
+            white, list(ranks), ranks, batches=batches, loss_fn=lm_loss, method=resolve_factorizer("whiten")
         )
         job["svd_test_ppl"], job["whiten_test_ppl"] = ppl(plain), ppl(white)
         print(

@@ -21,7 +21,7 @@ from nnsvd.lowrank.calibration import (
 )
 from nnsvd.lowrank.factorize import Factorizer, factorize_symmetric
 from nnsvd.lowrank.layers import (
-    PLAIN,
+    LOWRANK,
     SYMMETRIC,
     FactorizedLayer,
     LowRankLinear,
@@ -88,7 +88,7 @@ def plan_compression(
         module = model.get_submodule(name)
         W, _ = linear_weight(module)
         shapes[name] = (W.shape[0], W.shape[1])
-        form = SYMMETRIC if symmetric and W.shape[0] == W.shape[1] else PLAIN
+        form = SYMMETRIC if symmetric and W.shape[0] == W.shape[1] else LOWRANK
         plan.append((name, module, _rank_for(name, rank), form))
     if isinstance(rank, int) and not isinstance(rank, bool):
         # one rank for every target: name the layer that binds it, once, with the largest rank all accept
@@ -129,10 +129,10 @@ def _new_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
     kw = {"device": W.device, "dtype": W.dtype, "bias": bias is not None}
     if form == SYMMETRIC:
         cls, args = SymmetricLowRankLinear, (in_f, rank)
-    elif form == PLAIN:
+    elif form == LOWRANK:
         cls, args = LowRankLinear, (in_f, out_f, rank)
     else:
-        raise ValueError(f"unknown form {form!r}; allowed: {PLAIN}, {SYMMETRIC}")
+        raise ValueError(f"unknown form {form!r}; allowed: {LOWRANK}, {SYMMETRIC}")
     return cls(*args, **kw)
 
 
@@ -292,7 +292,7 @@ def layer_records(model: nn.Module) -> list[dict]:
             "name": name,
             "shape": [layer.out_features, layer.in_features],
             "rank": layer.rank,
-            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN,
+            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else LOWRANK,
         }
         for name, layer in factorized_layers(model)
     ]

@@ -31,7 +31,7 @@ from nnsvd.models.gpt2 import GPT2_TARGETS
 from nnsvd.perplexity import evaluate_perplexity
 
 
-def byte_stream(data_root: str | Path, split: str, tokens: int | None = None) -> torch.Tensor:
+def read_byte_stream(data_root: str | Path, split: str, tokens: int | None = None) -> torch.Tensor:
     """The first ``tokens`` bytes (all: None) of WikiText-2's raw ``wiki.<split>.raw`` as byte ids."""
     return torch.tensor(
         list((Path(data_root) / "wikitext-2-raw" / f"wiki.{split}.raw").read_bytes()[:tokens])
@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/ablate_blocks.json")
     a = p.parse_args()
     model = GPT2LMHeadModel.from_pretrained(a.dense_dir).eval()
-    ids = byte_stream(a.data_root, "test", a.tokens)
+    ids = read_byte_stream(a.data_root, "test", a.tokens)
 
     def ppl(m: GPT2LMHeadModel) -> float:
         return evaluate_perplexity(m, ids, batch_size=64)["ppl"]

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from ablate_blocks import byte_stream
+from ablate_blocks import read_byte_stream
 from transformers import GPT2LMHeadModel
 
 from nnsvd import compress_model
@@ -32,7 +32,7 @@ from nnsvd.lowrank import compress_with_calibration, resolve_factorizer
 from nnsvd.perplexity import evaluate_perplexity, lm_loss
 
 
-def sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:
+def read_sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:
     """(ratio, method, allocation, ranks, the job's test ppl) of every finished budget job at ``ratios``."""
     jobs = []
     for path in sorted(sweep_dir.glob("*/results.json")):
@@ -64,12 +64,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/compare_at_ranks.json"))
     a = p.parse_args()
 
-    jobs = sweep_ranks(a.sweep_dir, a.ratios)
+    jobs = read_sweep_ranks(a.sweep_dir, a.ratios)
     if not jobs:
         raise SystemExit(f"no finished compress.ratio job at ratios {a.ratios} under {a.sweep_dir}")
     dense = GPT2LMHeadModel.from_pretrained(a.dense_dir).eval()
-    test = byte_stream(a.data_root, "test", a.tokens)
-    blocks = pack_blocks(byte_stream(a.data_root, "train"), 128)
+    test = read_byte_stream(a.data_root, "test", a.tokens)
+    blocks = pack_blocks(read_byte_stream(a.data_root, "train"), 128)
     picked = draw_samples(
         len(blocks), {"samples": a.samples, "seed": a.seed, "split": "train"}, unit="blocks of 128 bytes"
     )

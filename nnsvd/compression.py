@@ -50,7 +50,7 @@ from nnsvd.lowrank.sensitivity import measure_sensitivity, sensitivity_allocatio
 
 log = logging.getLogger("nnsvd")
 
-PLAIN = "auto, svd, gram, randomized"
+PLAIN_METHOD_NAMES = "auto, svd, gram, randomized"
 
 
 def method_options(compress: Mapping) -> dict:
@@ -209,13 +209,13 @@ def check_method(c: Mapping, flow: str, plan: list) -> None:
     if flow == "scratch":
         raise ConfigError(
             f"compress.method={method} is data-aware: it factorizes a trained model, but mode=scratch trains "
-            f"factors from random init; use mode=compress, or a plain method ({PLAIN})"
+            f"factors from random init; use mode=compress, or a plain method ({PLAIN_METHOD_NAMES})"
         )
     square = [name for name, _, _, form in plan if form == SYMMETRIC]
     if square:
         raise ConfigError(
             f"compress.method={method} has no symmetric form, but regularizer.symmetric=true ties {square[0]}"
-            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({PLAIN})"
+            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({PLAIN_METHOD_NAMES})"
         )
     if method == "fwsvd" and c["calibration"]["fisher"] is False:
         raise ConfigError("compress.method=fwsvd weights by the Fisher: calibration.fisher=false is not allowed (use null or true)")

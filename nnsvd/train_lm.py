@@ -52,8 +52,8 @@ class CausalLMSteps:
     at the last step.
 
     Records: {"train/loss", "train/penalty", "train/lr", "train/grad_norm"} every log_every steps
-    and at the last; {"val/ppl": eval_fn(model)} every eval_every steps (0 = never) and after the
-    last step. Batch sampling and dropout draw from RNGs seeded with ``seed`` inside a fork of the
+    and at the last; {"val/ppl": eval_fn(model)} after the last step and, when eval_every > 0,
+    every eval_every steps. Batch sampling and dropout draw from RNGs seeded with ``seed`` inside a fork of the
     global RNG state, so a run is reproducible and leaves the caller's RNG untouched.
     """
 
@@ -97,6 +97,13 @@ class CausalLMSteps:
     def session(self, model: nn.Module, resume_state: dict | None) -> Iterator[None]:
         device = self.device = self.device if self.device is not None else next(model.parameters()).device
         model.to(device)
+        self._build_optimizer(model, resume_state)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self._seed(device, resume_state)
+            model.train()
+            yield
+
+    def _build_optimizer(self, model: nn.Module, resume_state: dict | None) -> None:
         self.optimizer = torch.optim.AdamW(_param_groups(model, self.weight_decay), lr=self.lr, betas=(0.9, 0.95))
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=self.total,
@@ -105,17 +112,17 @@ class CausalLMSteps:
         if resume_state is not None:
             self.optimizer.load_state_dict(resume_state["optimizer"])
             self.scheduler.load_state_dict(resume_state["scheduler"])
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            # Dropout draws from the device's default generator; seed only that one (and the CPU's).
-            torch.random.default_generator.manual_seed(self.seed)
-            if device.type == "cuda":
-                with torch.cuda.device(device):
-                    torch.cuda.manual_seed(self.seed)
-            self.batches = torch.Generator().manual_seed(self.seed)
-            if resume_state is not None:
-                restore_rng(resume_state, self.batches, device)
-            model.train()
-            yield
+
+    def _seed(self, device: torch.device, resume_state: dict | None) -> None:
+        """Seed the generators this run draws from (inside the fork), or restore them to resume."""
+        # Dropout draws from the device's default generator; seed only that one (and the CPU's).
+        torch.random.default_generator.manual_seed(self.seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(self.seed)
+        self.batches = torch.Generator().manual_seed(self.seed)
+        if resume_state is not None:
+            restore_rng(resume_state, self.batches, device)
 
     def train_unit(self, model: nn.Module, number: int) -> Iterator[dict]:
         self.optimizer.zero_grad(set_to_none=True)

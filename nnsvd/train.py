@@ -32,8 +32,9 @@ class ClassifierEpochs:
     """The classifier recipe: Adam on cross-entropy + alpha·orthonormal_penalty, epochs over shuffled tensors.
 
     Epoch e's order is a permutation drawn from a generator seeded with seed·100003 + e, so it does
-    not depend on what ran before; dropout draws from the caller's global RNG, whose state resume
-    keeps. Each epoch yields one record: mean train loss (and penalty), then ``evaluate(model)``.
+    not depend on what ran before; dropout draws from the caller's global RNG, whose CPU state resume
+    keeps (on a GPU, dropout's CUDA generator is not kept). Each epoch yields one record: mean train
+    loss (and penalty), then ``evaluate(model)``.
     """
 
     unit = "epoch"

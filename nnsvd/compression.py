@@ -60,7 +60,7 @@ from nnsvd.tasks.base import Task
 
 log = logging.getLogger("nnsvd")
 
-PLAIN = "auto, svd, gram, randomized"
+PLAIN_METHOD_NAMES = "auto, svd, gram, randomized"
 
 
 def method_options(compress: CompressConfig) -> dict:
@@ -201,7 +201,7 @@ def block_update(comp: CompressConfig) -> BlockUpdate | None:
     if comp.update is None:
         return None
     return BlockUpdate(steps=comp.update_steps, lr=comp.update_lr, holdout=comp.update_holdout,
-                       eval_every=comp.update_eval_every)
+                       eval_every=comp.update_eval_every, kind=comp.update.value)
 
 
 def check_sensitivity(comp: CompressConfig, task: Task) -> None:
@@ -229,13 +229,13 @@ def check_method(comp: CompressConfig, cal: CalibrationConfig, flow: str, plan: 
     if flow == "scratch":
         raise ConfigError(
             f"compress.method={method} is data-aware: it factorizes a trained model, but mode=scratch trains "
-            f"factors from random init; use mode=compress, or a plain method ({PLAIN})"
+            f"factors from random init; use mode=compress, or a plain method ({PLAIN_METHOD_NAMES})"
         )
     square = [name for name, _, _, form in plan if form == SYMMETRIC]
     if square:
         raise ConfigError(
             f"compress.method={method} has no symmetric form, but regularizer.symmetric=true ties {square[0]}"
-            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({PLAIN})"
+            f"{' and others' if len(square) > 1 else ''}; use regularizer.symmetric=false, or a plain method ({PLAIN_METHOD_NAMES})"
         )
     if comp.method == CompressMethod.fwsvd and cal.fisher is False:
         raise ConfigError("compress.method=fwsvd weights by the Fisher: calibration.fisher=false is not allowed (use null or true)")

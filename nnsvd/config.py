@@ -163,6 +163,7 @@ class Allocation(Enum):
 
 class Update(Enum):
     block = "block"  # after each block's closed form, Adam on its factors against the dense block's output
+    alternating = "alternating"  # per layer, closed-form A/B updates against the dense layer's output (AdaSVD)
 
 
 class SpectrumLoss(Enum):
@@ -182,8 +183,8 @@ class CompressConfig:
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sensitivity_samples: int | None = None  # measure on the first N calibration samples; null = all of them
     sensitivity_seq_len: int | None = None  # LM: on the first L tokens of each; null = whole sequences
-    update: Update | None = None  # block: block-wise reconstruction of the factors after the closed form (LMs)
-    update_steps: int = 32  # Adam steps per decoder block, one calibration batch each
+    update: Update | None = None  # block | alternating: update the factors after the closed form (LMs)
+    update_steps: int = 32  # Adam steps per decoder block (block), or A/B rounds per layer (alternating)
     update_lr: float = 1e-4
     update_holdout: float = 0.25  # fraction of the calibration batches held out of the update and scored
     update_eval_every: int = 8  # score the held-out batches every N steps; the best iterate is kept

@@ -85,13 +85,21 @@ def resolve_window(
     return max_length, stride
 
 
+def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """The causal LM's mean next-token loss on a batch of sequences, −(1/N)·Σ_t log p(x_t | x_<t)
+    over the N = batch·(L − 1) predicted tokens: the model's own loss with labels = inputs.
+
+    A ``loss_fn`` for the engine's calibration and sensitivity passes (``loss_fn(model, batch)``)."""
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
 def _autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA devices that support it; a no-op context elsewhere."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def _batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+def _group_windows(windows: list[Window], batch_size: int) -> list[list[Window]]:
     """Runs of at most batch_size consecutive windows sharing length and first target."""
     batches: list[list[Window]] = []
     for w in windows:
@@ -154,7 +162,7 @@ def evaluate_perplexity(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids = ids.to(device)
 
-    batches = _batches(strided_windows(ids.numel(), max_length, stride), batch_size)
+    batches = _group_windows(strided_windows(ids.numel(), max_length, stride), batch_size)
 
     was_training = model.training
     model.eval()
@@ -172,7 +180,7 @@ def evaluate_perplexity(
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
 
 
-def eval_memory_bytes(config, batch_size: int, max_length: int, dtype_bytes: int) -> int:
+def estimate_eval_memory(config, batch_size: int, max_length: int, dtype_bytes: int) -> int:
     """Peak memory of one evaluation batch beyond the weights, from the shapes, as an upper estimate:
 
     - logits: batch·L·vocab in float32, twice (the head's output and cross-entropy's log-softmax),
@@ -190,7 +198,7 @@ def eval_memory_bytes(config, batch_size: int, max_length: int, dtype_bytes: int
     return logits + scores + activations
 
 
-def free_memory(device: torch.device) -> int | None:
+def measure_free_memory(device: torch.device) -> int | None:
     """Bytes free for a new allocation on ``device``: CUDA's free memory, or the host's available memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -204,9 +212,9 @@ def free_memory(device: torch.device) -> int | None:
 def check_eval_memory(model: nn.Module, batch_size: int, max_length: int, device: torch.device | str) -> None:
     """One line, before any evaluation, for a window and batch whose estimate does not fit the free memory."""
     device = torch.device(device)
-    free = free_memory(device)
+    free = measure_free_memory(device)
     dtype_bytes = next(model.parameters()).element_size()
-    need = eval_memory_bytes(model.config, batch_size, max_length, dtype_bytes)
+    need = estimate_eval_memory(model.config, batch_size, max_length, dtype_bytes)
     if free is not None and need > free:
         raise ConfigError(
             f"eval.batch_size={batch_size} with eval.max_length={max_length} needs about {need / 2**30:.1f} GiB to "

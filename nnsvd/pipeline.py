@@ -54,7 +54,7 @@ from nnsvd.console import closing_line
 from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
 from nnsvd.lowrank import (
-    PLAIN,
+    LOWRANK,
     SYMMETRIC,
     BudgetError,
     CalibrationError,
@@ -554,7 +554,7 @@ def structure_report(model: torch.nn.Module) -> CompressionReport:
         (out_f, in_f), bias = (layer.out_features, layer.in_features), layer.bias
         before = out_f * in_f + (0 if bias is None else bias.numel())
         after = sum(p.numel() for p in layer.parameters())
-        form = SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN
+        form = SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else LOWRANK
         report.layers.append(LayerReport(name, (out_f, in_f), layer.rank, form, before, after, method="checkpoint"))
     return report
 

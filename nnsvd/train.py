@@ -1,50 +1,97 @@
-"""Training loop for classifiers on in-memory tensors (the MNIST MLP)."""
+"""Training classifiers on in-memory tensors (the MNIST MLP): epochs of shuffled mini-batches."""
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from nnsvd.errors import DivergenceError
 from nnsvd.regularizers import orthonormal_penalty
+from nnsvd.training.loop import (
+    StepCallback,
+    TrainResult,
+    check_finite,
+    fit,
+    penalty_of,
+    progress_enabled,
+    restore_rng,
+    rng_state,
+)
+
+__all__ = ["ClassifierEpochs", "TrainResult", "evaluate_classifier", "train_classifier"]
 
 LogFn = Callable[[dict], None]
 
 
-@dataclass
-class TrainState:
-    """Everything needed to continue training exactly where it stopped."""
+class ClassifierEpochs:
+    """The classifier recipe: Adam on cross-entropy + alpha·orthonormal_penalty, epochs over shuffled tensors.
 
-    epoch: int = 0  # epochs completed
-    history: list[dict] = field(default_factory=list)
+    Epoch e's order is a permutation drawn from a generator seeded with seed·100003 + e, so it does
+    not depend on what ran before; dropout draws from the caller's global RNG, whose CPU state resume
+    keeps (on a GPU, dropout's CUDA generator is not kept). Each epoch yields one record: mean train
+    loss (and penalty), then ``evaluate(model)``.
+    """
 
+    unit = "epoch"
 
-@dataclass
-class TrainResult:
-    train_s: float
-    epochs: int
-    history: list[dict]
-    interrupted: bool = False
-    resume_state: dict | None = None  # set when interrupted: pass it back to continue exactly
+    def __init__(
+        self, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, lr: float, weight_decay: float = 0.0,
+        alpha: float = 0.0, seed: int = 0, evaluate: Callable[[nn.Module], dict] | None = None,
+        lr_key: str = "train.lr",
+    ) -> None:
+        self.x, self.y, self.total, self.batch_size = x, y, epochs, batch_size
+        self.lr, self.weight_decay, self.alpha, self.seed, self.lr_key = lr, weight_decay, alpha, seed, lr_key
+        self.penalty_fn = orthonormal_penalty if alpha > 0 else None
+        self.evaluate = evaluate
+        self.steps_per_epoch = math.ceil(len(x) / batch_size)
 
+    @contextmanager
+    def session(self, model: nn.Module, resume_state: dict | None) -> Iterator[None]:
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True
+        )
+        if resume_state is not None:
+            self.optimizer.load_state_dict(resume_state["optimizer"])
+            restore_rng(resume_state)
+        yield
 
-def _progress_enabled() -> bool:
-    import sys
+    def train_unit(self, model: nn.Module, number: int) -> Iterator[dict]:
+        model.train()  # the last epoch's evaluation may have left it in eval mode
+        x, y, epoch = self.x, self.y, number - 1
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        loss_sum = torch.zeros((), device=x.device)
+        penalty_sum = torch.zeros((), device=x.device)
+        batches = perm.to(x.device).split(self.batch_size)
+        for step, idx in enumerate(tqdm(batches, desc=f"epoch {number}", leave=False, disable=not progress_enabled())):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            penalty = penalty_of(model, self.penalty_fn, self.alpha)
+            total, penalty_value = loss, 0.0
+            if penalty is not None:
+                total, penalty_value = loss + self.alpha * penalty, penalty.detach()
+                penalty_sum += penalty_value
+            where = f"epoch {number} step {step + 1}/{self.steps_per_epoch}"
+            check_finite(where, loss.detach(), penalty_value, self.lr, self.lr_key)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach()
+        record = {"epoch": number, "train/loss": loss_sum.item() / self.steps_per_epoch}
+        if self.penalty_fn is not None:
+            record["train/penalty"] = penalty_sum.item() / self.steps_per_epoch
+        if self.evaluate is not None:
+            record.update(self.evaluate(model))
+        yield record
 
-    return sys.stderr.isatty()
+    def finish(self, model: nn.Module, done: int) -> Iterator[dict]:
+        yield from ()  # each epoch's record already holds its evaluation
 
-
-def check_finite(loss: Tensor, where: str, lr: float, key: str = "train.lr") -> None:
-    """Raise DivergenceError when the loss is NaN or infinite."""
-    if not torch.isfinite(loss):
-        raise DivergenceError(f"loss became {loss.item()} at {where}; lower {key} (now {lr:g}) and rerun")
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), **rng_state()}
 
 
 def train_classifier(
@@ -64,72 +111,19 @@ def train_classifier(
     lr_key: str = "train.lr",
     resume_state: dict | None = None,
     should_stop: Callable[[], bool] | None = None,
+    callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
-    """Adam on cross-entropy + alpha·orthonormal_penalty, mini-batches from device tensors.
+    """``fit`` with the ``ClassifierEpochs`` recipe: one record per epoch, with ``evaluate(model)``'s dict.
 
-    The epoch permutation comes from a generator seeded with (seed, epoch), so training can
-    stop after any epoch and continue with identical results: an interrupted result's
-    ``resume_state`` (epochs done, history, optimizer and RNG states), passed back, continues it. ``evaluate(model)`` runs after every epoch; its dict is logged.
-    ``should_stop()`` is checked before each epoch: when it says so, training returns
-    with ``interrupted=True`` and the optimizer state.
+    ``should_stop()`` is checked before each epoch; an interrupted result's ``resume_state`` (epochs
+    done, history, optimizer and RNG states), passed back, continues with identical results.
     """
-    state = TrainState()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    if resume_state is not None:
-        state = TrainState(epoch=int(resume_state["epoch"]), history=list(resume_state["history"]))
-        optimizer.load_state_dict(resume_state["optimizer"])
-        torch.set_rng_state(resume_state["rng"])
-    n = len(x)
-    steps_per_epoch = math.ceil(n / batch_size)
-    start = time.perf_counter()
-    bar = tqdm(total=epochs, initial=state.epoch, desc=desc, unit="epoch", disable=not _progress_enabled())
-    interrupted = False
-    for epoch in range(state.epoch, epochs):
-        if should_stop is not None and should_stop():
-            interrupted = True
-            break
-        model.train()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(x.device)
-        loss_sum = torch.zeros((), device=x.device)
-        penalty_sum = torch.zeros((), device=x.device)
-        for step, idx in enumerate(
-            tqdm(perm.split(batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=not _progress_enabled())
-        ):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            total = loss
-            if alpha > 0:
-                penalty = orthonormal_penalty(model)
-                total = loss + alpha * penalty
-                penalty_sum += penalty.detach()
-            check_finite(total, f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch}", lr, lr_key)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-        record = {"epoch": epoch + 1, "train/loss": loss_sum.item() / steps_per_epoch}
-        if alpha > 0:
-            record["train/penalty"] = penalty_sum.item() / steps_per_epoch
-        if evaluate is not None:
-            record.update(evaluate(model))
-        state.epoch = epoch + 1
-        state.history.append(record)
-        if log is not None:
-            log(record)
-        bar.update(1)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in record.items() if k != "epoch"})
-    bar.close()
-    return TrainResult(
-        train_s=time.perf_counter() - start,
-        epochs=state.epoch,
-        history=state.history,
-        interrupted=interrupted,
-        resume_state=(
-            {"epoch": state.epoch, "history": state.history, "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state()}
-            if interrupted
-            else None
-        ),
+    recipe = ClassifierEpochs(
+        x, y, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, alpha=alpha, seed=seed,
+        evaluate=evaluate, lr_key=lr_key,
     )
+    return fit(model, recipe, log=log, callbacks=callbacks, should_stop=should_stop, resume_state=resume_state,
+               progress=desc)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Fine-tuning a causal language model on packed token blocks: AdamW, warmup + cosine, one plain loop.
+"""Fine-tuning a causal language model on packed token blocks: AdamW, warmup + cosine, steps of sampled blocks.
 
 No Hydra, no W&B: logging, evaluation, the factor penalty and interruption come in as callables.
 """
@@ -6,14 +6,25 @@ No Hydra, no W&B: logging, evaluation, the factor penalty and interruption come 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from nnsvd.errors import DivergenceError
+from nnsvd.training.loop import (
+    StepCallback,
+    TrainResult,
+    check_finite,
+    fit,
+    penalty_of,
+    restore_rng,
+    rng_state,
+)
+
+__all__ = ["CausalLMSteps", "DivergenceError", "train_causal_lm"]
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -31,31 +42,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def train_causal_lm(
-    model: nn.Module,
-    train_blocks: Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    warmup_steps: int = 0,
-    min_lr_ratio: float = 0.0,
-    grad_clip: float = 1.0,
-    grad_accum: int = 1,
-    eval_every: int = 0,
-    eval_fn: Callable[[nn.Module], float] | None = None,
-    penalty_fn: Callable[[nn.Module], Tensor] | None = None,
-    alpha: float = 0.0,
-    log_fn: Callable[[dict, int], None] | None = None,
-    log_every: int = 1,
-    should_stop: Callable[[], bool] | None = None,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-    resume_state: dict | None = None,
-    lr_key: str = "train.lr",
-) -> dict:
-    """Train ``model`` in place for ``steps`` optimizer steps on random blocks of train_blocks (N×T).
+class CausalLMSteps:
+    """The language-model recipe: optimizer steps on random blocks of train_blocks (N×T).
 
     Each step averages the causal-LM loss over grad_accum micro-batches of batch_size blocks
     drawn uniformly with replacement, adds alpha·penalty_fn(model), clips the gradient norm to
@@ -63,123 +51,147 @@ def train_causal_lm(
     up linearly over warmup_steps, then follows a half cosine from lr down to min_lr_ratio·lr
     at the last step.
 
-    eval_fn(model) → validation perplexity every eval_every steps and at the end (0 = only at
-    the end); it is logged as {"val/ppl"}. log_fn(metrics, step) receives {"train/loss",
-    "train/penalty", "train/lr", "train/grad_norm"} every log_every steps. should_stop() is
-    checked before every step; when it returns True the loop ends early, without the final
-    evaluation, and the result says interrupted=True.
-
-    Batch sampling and dropout draw from RNGs seeded with ``seed`` inside a fork of the global
-    RNG state, so a run is reproducible and leaves the caller's RNG untouched.
-
-    Returns {"steps", "train_s", "final_loss", "final_val_ppl", "interrupted", "history",
-    "resume_state"}, with history a list of every logged record (each with its "step"). When
-    interrupted, resume_state holds the step, optimizer, scheduler and RNG states; passing it back
-    as ``resume_state`` continues exactly where training stopped.
-    Raises DivergenceError naming the step when the loss or penalty is not finite.
+    Records: {"train/loss", "train/penalty", "train/lr", "train/grad_norm"} every log_every steps
+    and at the last; {"val/ppl": eval_fn(model)} after the last step and, when eval_every > 0,
+    every eval_every steps. Batch sampling and dropout draw from RNGs seeded with ``seed`` inside a fork of the
+    global RNG state, so a run is reproducible and leaves the caller's RNG untouched.
     """
-    if train_blocks.dim() != 2:
-        raise ValueError(f"train_blocks must be N×T token blocks, got shape {tuple(train_blocks.shape)}")
-    if steps < 1 or batch_size < 1 or grad_accum < 1:
-        raise ValueError(f"steps={steps}, batch_size={batch_size}, grad_accum={grad_accum} must all be ≥ 1")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps, min_lr_rate=min_lr_ratio
-    )
-    history: list[dict] = [] if resume_state is None else list(resume_state["history"])
-    first = 1
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        first = int(resume_state["step"]) + 1
 
-    def log(metrics: dict, step: int) -> None:
-        history.append({"step": step, **metrics})
-        if log_fn is not None:
-            log_fn(metrics, step)
+    unit = "step"
 
-    def evaluate(step: int) -> float:
-        ppl = float(eval_fn(model))
-        model.train()
-        log({"val/ppl": ppl}, step)
-        return ppl
+    def __init__(
+        self,
+        train_blocks: Tensor,
+        *,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        grad_clip: float = 1.0,
+        grad_accum: int = 1,
+        eval_every: int = 0,
+        eval_fn: Callable[[nn.Module], float] | None = None,
+        penalty_fn: Callable[[nn.Module], Tensor] | None = None,
+        alpha: float = 0.0,
+        log_every: int = 1,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        lr_key: str = "train.lr",
+    ) -> None:
+        if train_blocks.dim() != 2:
+            raise ValueError(f"train_blocks must be N×T token blocks, got shape {tuple(train_blocks.shape)}")
+        if steps < 1 or batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"steps={steps}, batch_size={batch_size}, grad_accum={grad_accum} must all be ≥ 1")
+        self.blocks, self.total, self.batch_size, self.grad_accum = train_blocks, steps, batch_size, grad_accum
+        self.lr, self.weight_decay, self.warmup_steps, self.min_lr_ratio = lr, weight_decay, warmup_steps, min_lr_ratio
+        self.grad_clip, self.eval_every, self.eval_fn, self.log_every = grad_clip, eval_every, eval_fn, log_every
+        self.penalty_fn, self.alpha, self.seed, self.lr_key = penalty_fn, alpha, seed, lr_key
+        self.device = None if device is None else torch.device(device)
+        self.evaluate = None if eval_fn is None else (lambda m: {"val/ppl": float(eval_fn(m))})
+        self.loss: float = math.nan  # the last step's loss
+        self.val_ppl: float | None = None  # the last validation's perplexity
 
-    cuda_devices = [device] if device.type == "cuda" else []
-    start = time.perf_counter()
-    loss_value, val_ppl, interrupted, step = math.nan, None, False, 0
-    with torch.random.fork_rng(devices=cuda_devices):
+    @contextmanager
+    def session(self, model: nn.Module, resume_state: dict | None) -> Iterator[None]:
+        device = self.device = self.device if self.device is not None else next(model.parameters()).device
+        model.to(device)
+        self._build_optimizer(model, resume_state)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self._seed(device, resume_state)
+            model.train()
+            yield
+
+    def _build_optimizer(self, model: nn.Module, resume_state: dict | None) -> None:
+        self.optimizer = torch.optim.AdamW(_param_groups(model, self.weight_decay), lr=self.lr, betas=(0.9, 0.95))
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=self.total,
+            min_lr_rate=self.min_lr_ratio,
+        )
+        if resume_state is not None:
+            self.optimizer.load_state_dict(resume_state["optimizer"])
+            self.scheduler.load_state_dict(resume_state["scheduler"])
+
+    def _seed(self, device: torch.device, resume_state: dict | None) -> None:
+        """Seed the generators this run draws from (inside the fork), or restore them to resume."""
         # Dropout draws from the device's default generator; seed only that one (and the CPU's).
-        torch.random.default_generator.manual_seed(seed)
+        torch.random.default_generator.manual_seed(self.seed)
         if device.type == "cuda":
             with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        batches = torch.Generator().manual_seed(seed)
+                torch.cuda.manual_seed(self.seed)
+        self.batches = torch.Generator().manual_seed(self.seed)
         if resume_state is not None:
-            torch.random.default_generator.set_state(resume_state["rng"])
-            batches.set_state(resume_state["batches"])
-            if device.type == "cuda" and resume_state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
+            restore_rng(resume_state, self.batches, device)
+
+    def train_unit(self, model: nn.Module, number: int) -> Iterator[dict]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        for _ in range(self.grad_accum):
+            rows = torch.randint(self.blocks.shape[0], (self.batch_size,), generator=self.batches)
+            x = self.blocks[rows].to(self.device)
+            with _autocast(self.device):
+                loss = model(input_ids=x, labels=x).loss / self.grad_accum
+            loss.backward()
+            loss_value += float(loss.detach())
+        penalty = penalty_of(model, self.penalty_fn, self.alpha)
+        penalty_value = 0.0 if penalty is None else float(penalty.detach())
+        check_finite(f"step {number}", loss_value, penalty_value, self.lr, self.lr_key)
+        if penalty is not None:
+            (self.alpha * penalty).backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip or math.inf))
+        current_lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.loss = loss_value
+        if number % self.log_every == 0 or number == self.total:
+            yield {"step": number, "train/loss": loss_value, "train/penalty": penalty_value,
+                   "train/lr": current_lr, "train/grad_norm": grad_norm}
+        if self.eval_fn is not None and self.eval_every > 0 and number % self.eval_every == 0 and number != self.total:
+            yield self._validate(model, number)
+
+    def finish(self, model: nn.Module, done: int) -> Iterator[dict]:
+        if self.eval_fn is not None:
+            yield self._validate(model, done)
+
+    def _validate(self, model: nn.Module, step: int) -> dict:
+        self.val_ppl = float(self.eval_fn(model))
         model.train()
-        step = first - 1
-        for step in range(first, steps + 1):
-            if should_stop is not None and should_stop():
-                interrupted, step = True, step - 1
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            for _ in range(grad_accum):
-                rows = torch.randint(train_blocks.shape[0], (batch_size,), generator=batches)
-                x = train_blocks[rows].to(device)
-                with _autocast(device):
-                    loss = model(input_ids=x, labels=x).loss / grad_accum
-                loss.backward()
-                loss_value += float(loss.detach())
-            penalty = penalty_fn(model) if penalty_fn is not None and alpha != 0.0 else None
-            penalty_value = 0.0 if penalty is None else float(penalty.detach())
-            if not (math.isfinite(loss_value) and math.isfinite(penalty_value)):
-                raise DivergenceError(
-                    f"training diverged at step {step}: loss={loss_value}, penalty={penalty_value}; "
-                    f"lower {lr_key} (now {lr:g})"
-                )
-            if penalty is not None:
-                (alpha * penalty).backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
-            current_lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            if step % log_every == 0 or step == steps:
-                log(
-                    {
-                        "train/loss": loss_value,
-                        "train/penalty": penalty_value,
-                        "train/lr": current_lr,
-                        "train/grad_norm": grad_norm,
-                    },
-                    step,
-                )
-            if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step != steps:
-                val_ppl = evaluate(step)
-        if eval_fn is not None and step > 0 and not interrupted:
-            val_ppl = evaluate(step)
-        state = None
-        if interrupted:
-            state = {
-                "step": step,
-                "history": history,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.random.default_generator.get_state(),
-                "batches": batches.get_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            }
+        return {"step": step, "val/ppl": self.val_ppl}
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                **rng_state(self.batches, self.device)}
+
+
+def train_causal_lm(
+    model: nn.Module,
+    train_blocks: Tensor,
+    *,
+    log_fn: Callable[[dict, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume_state: dict | None = None,
+    callbacks: Sequence[StepCallback] = (),
+    **recipe: object,
+) -> dict:
+    """``fit`` with ``CausalLMSteps(train_blocks, **recipe)``, its result as a dict (the library's older form).
+
+    log_fn(metrics, step) receives every record without its "step". Returns {"steps", "train_s",
+    "final_loss", "final_val_ppl", "interrupted", "history", "resume_state"}; when interrupted,
+    resume_state passed back as ``resume_state`` continues exactly where training stopped.
+    Raises DivergenceError naming the step when the loss or penalty is not finite.
+    """
+    steps = CausalLMSteps(train_blocks, **recipe)
+    log = None if log_fn is None else (lambda record: log_fn({k: v for k, v in record.items() if k != "step"},
+                                                             record["step"]))
+    result: TrainResult = fit(model, steps, log=log, callbacks=callbacks, should_stop=should_stop,
+                              resume_state=resume_state)
     return {
-        "steps": step,
-        "train_s": time.perf_counter() - start,
-        "final_loss": loss_value,
-        "final_val_ppl": val_ppl,
-        "interrupted": interrupted,
-        "history": history,
-        "resume_state": state,
+        "steps": result.epochs,
+        "train_s": result.train_s,
+        "final_loss": steps.loss,
+        "final_val_ppl": steps.val_ppl,
+        "interrupted": result.interrupted,
+        "history": result.history,
+        "resume_state": result.resume_state,
     }

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
+from nnsvd import compress_model
+from nnsvd.lowrank.allocation import target_shapes, uniform_ranks
+from nnsvd.models.gpt2 import GPT2_TARGETS
 from nnsvd.perplexity import evaluate_perplexity
 
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
-
-def byte_stream(data_root: str | Path, split: str, tokens: int | None = None) -> torch.Tensor:
+def read_byte_stream(data_root: str | Path, split: str, tokens: int | None = None) -> torch.Tensor:
     """The first ``tokens`` bytes (all: None) of WikiText-2's raw ``wiki.<split>.raw`` as byte ids."""
     return torch.tensor(
         list((Path(data_root) / "wikitext-2-raw" / f"wiki.{split}.raw").read_bytes()[:tokens])
@@ -38,6 +39,7 @@ def byte_stream(data_root: str | Path, split: str, tokens: int | None = None) ->
 
 
 def zeroed(model: GPT2LMHeadModel, parts: tuple[str, ...]) -> GPT2LMHeadModel:
+    """A copy of the model with the output projection (c_proj weight and bias) of ``parts`` zeroed in every block."""
     z = copy.deepcopy(model)
     for block in z.transformer.h:
         for part in parts:
@@ -48,15 +50,12 @@ def zeroed(model: GPT2LMHeadModel, parts: tuple[str, ...]) -> GPT2LMHeadModel:
 
 
 def truncated(model: GPT2LMHeadModel, removed: float) -> GPT2LMHeadModel:
+    """A copy of the model with every block target factorized by plain SVD at the uniform ranks that
+    remove the fraction ``removed`` of each one's weights: the suite's compress.allocation=uniform,
+    compress.method=svd."""
     z = copy.deepcopy(model)
-    for block in z.transformer.h:
-        for target in TARGETS:
-            layer = block.get_submodule(target)
-            W = layer.weight.data.double()
-            m, n = W.shape
-            r = max(1, int(m * n * (1 - removed) / (m + n)))
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            layer.weight.data = ((U[:, :r] * S[:r]) @ Vh[:r]).to(layer.weight.dtype)
+    ranks = uniform_ranks(target_shapes(z, GPT2_TARGETS), removed)
+    compress_model(z, GPT2_TARGETS, rank=ranks, method="svd")
     return z
 
 
@@ -68,7 +67,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/ablate_blocks.json")
     a = p.parse_args()
     model = GPT2LMHeadModel.from_pretrained(a.dense_dir).eval()
-    ids = byte_stream(a.data_root, "test", a.tokens)
+    ids = read_byte_stream(a.data_root, "test", a.tokens)
 
     def ppl(m: GPT2LMHeadModel) -> float:
         return evaluate_perplexity(m, ids, batch_size=64)["ppl"]

@@ -2,8 +2,9 @@
 
 A LLaMA-shaped causal LM (random init, no download) is built in this process; then its 7 targets
 per block (q/k/v/o/gate/up/down) are compressed with ``compress.method=whiten`` at the per-layer
-ranks that remove ``--remove`` of each layer's weights (r = ⌊(1 − remove)·m·n/(m + n)⌋, handed to
-the engine as a {layer: rank} mapping), calibrated on ``--samples`` random sequences.
+ranks that remove ``--remove`` of each layer's weights (the suite's uniform allocation,
+``nnsvd.lowrank.allocation.uniform_ranks``: r = max(1, ⌊m·n·(1 − remove)/(m + n)⌋), handed to the
+engine as a {layer: rank} mapping), calibrated on ``--samples`` random sequences.
 
 What is measured (one process per path, so that peaks do not mix):
 
@@ -15,7 +16,7 @@ What is measured (one process per path, so that peaks do not mix):
   that computes anything has.
 - CUDA: torch.cuda.max_memory_allocated, reset before compression.
 
-Target (issue 11): peak − baseline ≤ 1.5 × the model's size + one block's statistics.
+Target: peak − baseline ≤ 1.5 × the model's size + one block's statistics.
 
 Usage::
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -43,17 +43,18 @@ from nnsvd.lowrank import (
     compress_blockwise,
     compress_with_calibration,
     find_targets,
-    linear_weight,
     resolve_factorizer,
     shared_input_groups,
     stats_nbytes,
 )
+from nnsvd.lowrank.allocation import target_shapes, uniform_ranks
 from nnsvd.models.causal_lm import DTYPES, default_targets
+from nnsvd.perplexity import lm_loss
 
 GIB = 2**30
 
 
-def resident() -> tuple[int, int]:
+def read_resident() -> tuple[int, int]:
     """(resident set, its high-water mark) of this process in bytes."""
     status = Path("/proc/self/status").read_text()
     rss, hwm = (int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) * 1024 for key in ("VmRSS", "VmHWM"))
@@ -62,10 +63,6 @@ def resident() -> tuple[int, int]:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
-
-
-def lm_loss(model, batch):
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
 def main() -> None:
@@ -88,7 +85,7 @@ def main() -> None:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
 
-    baseline, _ = resident()
+    baseline, _ = read_resident()
     config = LlamaConfig(
         vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=max(a.seq_len, 2048),
@@ -101,10 +98,7 @@ def main() -> None:
     model_bytes = sum(x.numel() * x.element_size() for x in model.parameters())
     dense_params = sum(x.numel() for x in model.parameters())
     names = find_targets(model, default_targets(model))
-    ranks = {}
-    for name in names:
-        m, n = linear_weight(model.get_submodule(name))[0].shape
-        ranks[name] = math.floor((1 - a.remove) * m * n / (m + n))
+    ranks = uniform_ranks(target_shapes(model, names), a.remove)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, a.vocab, (a.samples, a.seq_len), generator=g).to(device)
     batches = list(tokens.split(a.batch_size))
@@ -121,7 +115,7 @@ def main() -> None:
         lm_loss(model, batches[0][:1, :8])
     eye = torch.eye(64, dtype=torch.float64, device=device)
     torch.linalg.eigh(eye), torch.linalg.cholesky(eye)
-    before, _ = resident()
+    before, _ = read_resident()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -132,7 +126,7 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     compress_s = time.perf_counter() - t
-    after, peak = resident()
+    after, peak = read_resident()
 
     kept = sum(r.params_after for r in report.layers) / sum(r.params_before for r in report.layers)
     out = {

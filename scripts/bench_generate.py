@@ -48,12 +48,13 @@ def prompt_ids(args, tokenizer, batch: int):
     return torch.tensor(rows)
 
 
-def measure(args, ratio: float | None, batch: int, queue) -> None:
+def measure(args, ratio: float | None, batch: int, queue, keep_dense: bool = False) -> None:
     """One configuration in its own process: put its figures on ``queue``."""
     import torch
 
     from nnsvd.lowrank import compress_model
     from nnsvd.lowrank.allocation import target_shapes, uniform_ranks
+    from nnsvd.lowrank.inference import keep_dense_where_slower
     from nnsvd.models.causal_lm import default_targets
 
     torch.set_num_threads(args.threads)
@@ -64,6 +65,7 @@ def measure(args, ratio: float | None, batch: int, queue) -> None:
         compress_model(model, list(shapes), uniform_ranks(shapes, ratio), method="svd")
     device = torch.device(args.device)
     model = model.to(device).eval()
+    kept = keep_dense_where_slower(model, tokens=batch) if keep_dense else {}
     ids = prompt_ids(args, tokenizer, batch).to(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -72,8 +74,8 @@ def measure(args, ratio: float | None, batch: int, queue) -> None:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
         if device.type == "cuda":
             torch.cuda.synchronize()
         assert out.shape[1] == ids.shape[1] + new
@@ -86,7 +88,8 @@ def measure(args, ratio: float | None, batch: int, queue) -> None:
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     queue.put({
-        "ratio": ratio, "batch": batch, "weight_bytes": weight_bytes, "peak_bytes": peak,
+        "ratio": ratio, "batch": batch, "keep_dense": keep_dense, "kept_dense": kept,
+        "weight_bytes": weight_bytes, "peak_bytes": peak,
         "prefill_tok_s": batch * args.prompt / prefill, "decode_tok_s": batch * (args.new - 1) / decode,
         "prefill_s": prefill, "generate_s": total,
     })
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--keep-dense", action="store_true",
+                        help="also measure each ratio with the layers whose factors are not faster at this batch "
+                             "put back dense (nnsvd.lowrank.inference.keep_dense_where_slower)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_generate.json"))
     args = parser.parse_args(argv)
     if not (Path(args.data_root) / GGUF[0] / GGUF[1]).is_file():
@@ -111,15 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = mp.get_context("spawn")
     rows = []
-    for ratio in [None, *args.ratios]:
+    configurations = [(None, False)] + [(r, False) for r in args.ratios]
+    configurations += [(r, True) for r in args.ratios] if args.keep_dense else []
+    for ratio, keep_dense in configurations:
         for batch in args.batches:
             queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(args, ratio, batch, queue))
+            proc = ctx.Process(target=measure, args=(args, ratio, batch, queue, keep_dense))
             proc.start()
             row = queue.get()
             proc.join()
             rows.append(row)
-            print(f"  measured ratio={ratio} batch={batch}: decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+            print(f"  measured ratio={ratio} batch={batch}{' keep-dense' if keep_dense else ''}: decode "
+                  f"{row['decode_tok_s']:.1f} tok/s, {len(row['kept_dense'])} layers kept dense", flush=True)
     dense = {r["batch"]: r for r in rows if r["ratio"] is None}
     print(f"\n{'removed':>8} {'batch':>5} {'weights MB':>10} {'peak MB':>8} {'prefill tok/s':>13} "
           f"{'decode tok/s':>12} {'decode ×':>8} {'ideal ×':>7} {'of ideal':>8}")
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         r["prefill_speedup"] = r["prefill_tok_s"] / d["prefill_tok_s"]
         r["ideal_speedup"] = d["weight_bytes"] / r["weight_bytes"]
         r["of_ideal"] = r["decode_speedup"] / r["ideal_speedup"] if r["ratio"] is not None else None
-        removed = "dense" if r["ratio"] is None else f"{r['ratio']:.0%}"
+        removed = "dense" if r["ratio"] is None else f"{r['ratio']:.0%}" + ("*" if r["keep_dense"] else "")
         of_ideal = "" if r["of_ideal"] is None else f"{r['of_ideal']:.2f}"
         print(f"{removed:>8} {r['batch']:>5} {r['weight_bytes'] / 1e6:>10.1f} {r['peak_bytes'] / 1e6:>8.0f} "
               f"{r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.2f} {r['decode_speedup']:>8.2f} "
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"prompt": args.prompt, "new": args.new, "repeats": args.repeats, "method": "svd, uniform ranks"},
         "rows": rows,
     }, indent=2) + "\n")
+    if args.keep_dense:
+        print("* the layers whose factors were not faster at that batch kept dense (their count: kept_dense in the JSON)")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -40,8 +40,9 @@ from nnsvd.lowrank import (
     resolve_factorizer,
     stats_nbytes,
 )
+from nnsvd.lowrank.allocation import matrix_type, target_shapes, uniform_ranks
 from nnsvd.models.gpt2 import GPT2_TARGETS
-from nnsvd.perplexity import evaluate_perplexity
+from nnsvd.perplexity import evaluate_perplexity, lm_loss
 
 ERROR_TOLERANCE = 1.01  # a layer's error may exceed the Eckart–Young optimum by at most 1%
 
@@ -113,14 +114,14 @@ def check_errors(report, sigmas: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def _status_kb(field: str) -> int:
+def _read_status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child_peak_memory(rank: int, method: str) -> dict:
+def measure_compression_memory(rank: int, method: str) -> dict:
     """Run in a fresh process: peak resident memory added by compress_model over the built model.
 
     Writing "5" to /proc/self/clear_refs resets VmHWM (the peak RSS) to the current RSS, so
@@ -129,13 +130,14 @@ def child_peak_memory(rank: int, method: str) -> dict:
     """
     model = build_model()
     Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kb("VmRSS")
+    before = _read_status_kb("VmRSS")
     compress_model(model, GPT2_TARGETS, rank=rank, method=method)
-    peak = _status_kb("VmHWM")
+    peak = _read_status_kb("VmHWM")
     return {"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "extra_peak_mb": (peak - before) / 1024}
 
 
-def peak_memory(rank: int, method: str) -> dict:
+def measure_compression_memory_in_child(rank: int, method: str) -> dict:
+    """measure_compression_memory in a fresh process: this one's peak already holds earlier work."""
     out = subprocess.run(
         [sys.executable, __file__, "--child-memory", str(rank), method],
         check=True,
@@ -148,17 +150,8 @@ def peak_memory(rank: int, method: str) -> dict:
 # ---------------------------------------------------------------------- (b) forward latency
 
 
-def half_param_ranks(model: GPT2LMHeadModel) -> dict[str, int]:
-    """{pattern: r} with r·(m+n) ≈ m·n/2 (rounded down) for each target pattern's m×n shape."""
-    ranks = {}
-    for pattern in GPT2_TARGETS:
-        out_f, in_f = linear_weight(model.get_submodule(find_targets(model, [pattern])[0]))[0].shape
-        ranks[pattern] = (out_f * in_f) // (2 * (out_f + in_f))
-    return ranks
-
-
 @torch.inference_mode()
-def median_latencies(
+def time_forward_passes(
     models: list[GPT2LMHeadModel], input_ids: torch.Tensor, runs: int, warmup: int
 ) -> list[float]:
     """Median forward time of each model; runs alternate between the models so that load
@@ -202,7 +195,7 @@ def bench_compression(model: GPT2LMHeadModel, repeats: int, compare_repeats: int
         row = time_compression(model, rank, method, runs, first)
         row.update(check_errors(row.pop("report"), sigmas))
         if method == "auto":
-            row["memory"] = peak_memory(rank, method)
+            row["memory"] = measure_compression_memory_in_child(rank, method)
         rows.append(row)
         first_s = f"{row['first_s']:.2f}" if "first_s" in row else "-"
         mem = f"{row['memory']['extra_peak_mb']:.0f}" if "memory" in row else "-"
@@ -221,13 +214,14 @@ def bench_compression(model: GPT2LMHeadModel, repeats: int, compare_repeats: int
 
 
 def bench_forward(model: GPT2LMHeadModel, runs: int) -> dict:
-    ranks = half_param_ranks(model)
+    ranks = uniform_ranks(target_shapes(model, GPT2_TARGETS), 0.5)
     compressed = copy.deepcopy(model)
     report = compress_model(compressed, GPT2_TARGETS, rank=ranks)
+    ranks = {matrix_type(name): r for name, r in ranks.items()}  # every block has the same shapes: one rank per pattern
     input_ids = torch.randint(
         0, model.config.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0)
     ).to(model.device)
-    dense_s, comp_s = median_latencies([model, compressed], input_ids, runs, warmup=2)
+    dense_s, comp_s = time_forward_passes([model, compressed], input_ids, runs, warmup=2)
     measured = dense_s / comp_s
     ideal = count_macs(model) / count_macs(compressed)
     attn = attention_score_macs(model.config, input_ids.shape[1])
@@ -278,11 +272,6 @@ def bench_perplexity(model: GPT2LMHeadModel) -> dict:
     }
 
 
-def lm_loss(model: GPT2LMHeadModel, batch: torch.Tensor) -> torch.Tensor:
-    """The LM task's calibration loss (what run.py's calibration pass runs on each batch)."""
-    return model(input_ids=batch, labels=batch).loss
-
-
 def calibration_batches(model: GPT2LMHeadModel, sequences: int, batch_size: int) -> list[torch.Tensor]:
     ids = torch.randint(0, model.config.vocab_size, (sequences, 1024), generator=torch.Generator().manual_seed(2))
     return list(ids.to(model.device).split(batch_size))
@@ -293,7 +282,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def child_calibration_memory(sequences: int, batch_size: int, device: str) -> dict:
+def measure_calibration_memory(sequences: int, batch_size: int, device: str) -> dict:
     """Run in a fresh process: peak memory of calibration + whiten compression over the built model."""
     dev = torch.device(device)
     model = build_model().to(dev)
@@ -305,10 +294,10 @@ def child_calibration_memory(sequences: int, batch_size: int, device: str) -> di
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kb("VmRSS") * 1024
+        before = _read_status_kb("VmRSS") * 1024
     stats = collect_statistics(model, names, batches, lm_loss)
     compress_model(model, GPT2_TARGETS, rank=128, method=resolve_factorizer("whiten"), calibration=stats)
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _status_kb("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _read_status_kb("VmHWM") * 1024
     return {"before_mb": before / 2**20, "peak_mb": peak / 2**20, "extra_peak_mb": (peak - before) / 2**20,
             "measure": "cuda max_memory_allocated" if dev.type == "cuda" else "VmHWM − VmRSS"}
 
@@ -395,11 +384,11 @@ def main() -> None:
     parser.add_argument("--child-calibration", nargs=3, metavar=("SEQS", "BATCH", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
-        print(json.dumps(child_peak_memory(int(args.child_memory[0]), args.child_memory[1])))
+        print(json.dumps(measure_compression_memory(int(args.child_memory[0]), args.child_memory[1])))
         return
     if args.child_calibration:
         seqs, batch, device = args.child_calibration
-        print(json.dumps(child_calibration_memory(int(seqs), int(batch), device)))
+        print(json.dumps(measure_calibration_memory(int(seqs), int(batch), device)))
         return
     sections = set(args.sections.split(","))
 

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from ablate_blocks import byte_stream
+from ablate_blocks import read_byte_stream
 from transformers import GPT2LMHeadModel
 
 from nnsvd import compress_model
@@ -30,11 +30,10 @@ from nnsvd.calibration_data import draw_samples
 from nnsvd.config import CalibrationConfig
 from nnsvd.data.text import pack_blocks
 from nnsvd.lowrank import compress_with_calibration, resolve_factorizer
-from nnsvd.perplexity import evaluate_perplexity
-from nnsvd.tasks.language_modeling import LanguageModelingTask
+from nnsvd.perplexity import evaluate_perplexity, lm_loss
 
 
-def sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:
+def read_sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:
     """(ratio, method, allocation, ranks, the job's test ppl) of every finished budget job at ``ratios``."""
     jobs = []
     for path in sorted(sweep_dir.glob("*/results.json")):
@@ -66,17 +65,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/compare_at_ranks.json"))
     a = p.parse_args()
 
-    jobs = sweep_ranks(a.sweep_dir, a.ratios)
+    jobs = read_sweep_ranks(a.sweep_dir, a.ratios)
     if not jobs:
         raise SystemExit(f"no finished compress.ratio job at ratios {a.ratios} under {a.sweep_dir}")
     dense = GPT2LMHeadModel.from_pretrained(a.dense_dir).eval()
-    test = byte_stream(a.data_root, "test", a.tokens)
-    blocks = pack_blocks(byte_stream(a.data_root, "train"), 128)
+    test = read_byte_stream(a.data_root, "test", a.tokens)
+    blocks = pack_blocks(read_byte_stream(a.data_root, "train"), 128)
     picked = draw_samples(
         len(blocks), CalibrationConfig(samples=a.samples, seed=a.seed, split="train"), unit="blocks of 128 bytes"
     )
     batches = list(blocks[picked].split(32))
-    loss_fn = LanguageModelingTask.calibration_loss
 
     def ppl(model) -> float:
         return evaluate_perplexity(model, test, batch_size=64)["ppl"]
@@ -90,7 +88,7 @@ def main() -> None:
         compress_model(plain, list(ranks), rank=ranks, method="svd")
         white = copy.deepcopy(dense)
         compress_with_calibration(
-            white, list(ranks), ranks, batches=batches, loss_fn=loss_fn, method=resolve_factorizer("whiten")
+            white, list(ranks), ranks, batches=batches, loss_fn=lm_loss, method=resolve_factorizer("whiten")
         )
         job["svd_test_ppl"], job["whiten_test_ppl"] = ppl(plain), ppl(white)
         print(

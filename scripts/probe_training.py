@@ -1,11 +1,12 @@
 """Train a GPT-2 through run.py and, at every validation, also measure what plain SVD of its blocks costs.
 
 run.py runs unchanged (its dense cache, run directory and results are the usual ones); this script only
-wraps the language-model training loop's evaluation. At each validation during training it adds the
-validation perplexity of the model with every block target truncated by plain SVD to the uniform
-rank of each --ratios value (the truncation of scripts/ablate_blocks.py). One JSON line per
-validation goes to --out, and a table is printed at the end. When nothing was probed (the dense model
-came from the cache: add cache.dense=false) it exits 1 with a line saying so; otherwise with run.py's status.
+adds a step callback to the training loop (``nnsvd.training.on_step``). At each validation during training
+it adds the validation perplexity of the model with every block target truncated by plain SVD to the
+uniform rank of each --ratios value (the truncation of scripts/ablate_blocks.py), measured by the loop's
+own validation. One JSON line per validation goes to --out, and a table is printed at the end. When
+nothing was probed (the dense model came from the cache: add cache.dense=false) it exits 1 with a line
+saying so; otherwise with run.py's status.
 
 This is how the byte-level testbed's recipe was chosen (docs/results.md, "GPT-2: the byte-level testbed"):
 how much plain SVD costs depends on how long and how the model was trained.
@@ -19,38 +20,51 @@ from __future__ import annotations
 
 import argparse
 import json
-import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ablate_blocks import truncated
+# run.py, the suite's entrypoint, and the nnsvd beside it: this checkout's, as for `python run.py`
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-import nnsvd.tasks.language_modeling as lm
+import hydra  # noqa: E402
+from ablate_blocks import truncated  # noqa: E402
+
+import run  # noqa: E402
+from nnsvd.callbacks import sweep_failed  # noqa: E402
+from nnsvd.config import checkpoint_overrides, sweep_record  # noqa: E402
+from nnsvd.training import StepRecord, on_step  # noqa: E402
 
 
-def probed(train, ratios: list[float], out: Path, rows: list[dict]):
-    """train_causal_lm, with its eval_fn extended by the truncated models' validation perplexity."""
+def probe(ratios: list[float], out: Path, rows: list[dict]) -> Callable[[StepRecord], None]:
+    """A step callback: at each validation, the truncated models' validation perplexity beside the model's."""
 
-    def train_causal_lm(model, train_blocks, **kw):
-        eval_fn, every, steps = kw["eval_fn"], kw["eval_every"], kw["steps"]
-        done = (kw.get("resume_state") or {}).get("step", 0)  # a resumed run goes on from its saved step
-        seen = [done // every if every > 0 else 0]  # validations so far: every eval_every steps, and the last
+    def measure(record: StepRecord) -> None:
+        if "val/ppl" not in record.metrics:
+            return
+        row = {"step": record.number, "dense": record.metrics["val/ppl"]}
+        for ratio in ratios:
+            row[f"svd_{ratio:g}"] = record.evaluate(truncated(record.model, ratio))["val/ppl"]
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
-        def eval_with_truncation(m):
-            dense = eval_fn(m)
-            seen[0] += 1
-            row = {"step": min(seen[0] * every, steps) if every > 0 else steps, "dense": dense}
-            for ratio in ratios:
-                row[f"svd_{ratio:g}"] = eval_fn(truncated(m, ratio))
-            rows.append(row)
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            return dense
+    return measure
 
-        kw["eval_fn"] = eval_with_truncation
-        return train(model, train_blocks, **kw)
 
-    return train_causal_lm
+def run_suite(overrides: list[str]) -> int:
+    """run.py with ``overrides`` as its command line, in this process; its exit status."""
+    # as run.py's own __main__ does: checkpoint=DIR implies its model, a multirun records its swept keys
+    overrides = [*overrides, *checkpoint_overrides(overrides, run.primary_choices()), *sweep_record(overrides)]
+    sys.argv = [run.__file__, *overrides]  # Hydra reads its overrides from here
+    # run.main's config_path is relative to run.py, which Hydra resolves only for the script it started
+    # from; imported, the same function needs the absolute path
+    job = hydra.main(version_base="1.3", config_path=str(run.CONF), config_name="config")(run.main.__wrapped__)
+    try:
+        job()
+    except SystemExit as stop:
+        return stop.code or 0
+    return 1 if sweep_failed() else 0
 
 
 def main() -> None:
@@ -64,16 +78,10 @@ def main() -> None:
     )
     args, overrides = p.parse_known_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    lm.train_causal_lm = probed(lm.train_causal_lm, args.ratios, args.out, rows)
-    run_py = Path(__file__).resolve().parent.parent / "run.py"
     prog = Path(sys.argv[0]).name
-    sys.argv = [str(run_py), *overrides]
-    status = 0
-    try:
-        runpy.run_path(str(run_py), run_name="__main__")
-    except SystemExit as stop:
-        status = stop.code or 0
+    rows: list[dict] = []
+    with on_step(probe(args.ratios, args.out, rows)):
+        status = run_suite(overrides)
     if not rows:  # nothing was measured: that is no success, whatever run.py did
         print(
             f"{prog}: error: no training validation was probed (the dense model came from the "

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 LAYERS = (0, 2, 4)
-MAX_PLAIN = {"0": 12, "2": 15, "4": 4}  # max_useful_rank of 32×20, 32×32 and 5×32
+MAX_USEFUL_RANK = {"0": 12, "2": 15, "4": 4}  # max_useful_rank of 32×20, 32×32 and 5×32
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def inputs(X: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def compressed(model: nn.Module, rank: int, symmetric: bool) -> nn.Module:
     comp = copy.deepcopy(model)
-    ranks = {name: min(rank, limit) for name, limit in MAX_PLAIN.items()}
+    ranks = {name: min(rank, limit) for name, limit in MAX_USEFUL_RANK.items()}
     if symmetric:
         ranks["2"] = rank
     report = compress_model(comp, ["0", "2", "4"], rank=ranks, symmetric=symmetric)

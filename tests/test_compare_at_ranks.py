@@ -9,12 +9,10 @@ import sys
 import pytest
 import torch
 from conftest import HANG, REPO
+from reference_truncation import TARGETS, truncate_blocks
 
 from nnsvd.models.gpt2 import load_gpt2
 from nnsvd.perplexity import evaluate_perplexity
-
-sys.path.insert(0, str(REPO / "scripts"))
-from ablate_blocks import TARGETS, truncated  # noqa: E402
 
 
 def test_rows_are_the_jobs_ranks_and_plain_svd_equals_an_independent_truncation(tmp_path):
@@ -46,6 +44,6 @@ def test_rows_are_the_jobs_ranks_and_plain_svd_equals_an_independent_truncation(
     jobs = json.loads(out.read_text())["jobs"]
     assert [j["ratio"] for j in jobs] == [0.4]  # the 0.8 job is not asked for
     test = torch.tensor(list(text[::-1][:4096]))
-    expected = evaluate_perplexity(truncated(model, 0.4), test, batch_size=64)["ppl"]
+    expected = evaluate_perplexity(truncate_blocks(model, 0.4), test, batch_size=64)["ppl"]
     assert jobs[0]["svd_test_ppl"] == pytest.approx(expected, rel=1e-4)
     assert jobs[0]["whiten_test_ppl"] > 1.0 and jobs[0]["whiten_test_ppl"] != pytest.approx(expected, rel=1e-4)

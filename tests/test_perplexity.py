@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nnsvd.perplexity import Window, evaluate_perplexity, strided_windows
+from nnsvd.perplexity import Window, evaluate_perplexity, lm_loss, strided_windows
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,12 @@ def test_restores_training_mode(model, ids):
         assert model.training
     finally:
         model.eval()
+
+
+def test_lm_loss_is_the_mean_next_token_cross_entropy(model, ids):
+    batch = ids[:96].view(3, 32)
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits[:, :-1].double()
+        loss = lm_loss(model, batch)
+    expected = -torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None]).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)

@@ -244,3 +244,19 @@ def test_block_update_and_loss_allocation_run_end_to_end_and_share_the_statistic
     assert r["compress"]["calibration"]["sequential"] is True and r["compress"]["budget"]["removed_targets"] >= 0.5
     _, reload = cli(env, "llama_block_reload", f"checkpoint={env['base'] / 'llama_block'}")
     assert reload["metrics"]["test_ppl"] == r["metrics"]["test_ppl"]
+
+
+def test_alternating_update_runs_end_to_end_and_reloads(env):
+    """compress.update=alternating through run.py: every block's held-out output error at most its closed
+    form's, each layer's best round recorded, and the checkpoint reloads to the same perplexity."""
+    args = [a for a in COMMON if a not in ("rank=4", "calibration.samples=6")] + [
+        f"model.name_or_path={env['models']['llama']}", "calibration.samples=8"]
+    _, r = cli(env, "llama_alternating", *args, "+recipe=whiten_alternating", "compress.ratio=0.5",
+               "compress.update_steps=3")
+    update = r["compress"]["update"]
+    assert r["status"] == "ok" and update["method"] == "alternating" and update["steps"] == 3
+    assert [blk["block"] for blk in update["blocks"]] == [0, 1]
+    assert all(blk["holdout_best"] <= blk["holdout_start"] for blk in update["blocks"])
+    assert all(len(blk["layers"]) == 7 for blk in update["blocks"])
+    _, reload = cli(env, "llama_alternating_reload", f"checkpoint={env['base'] / 'llama_alternating'}")
+    assert reload["metrics"]["test_ppl"] == r["metrics"]["test_ppl"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import require_data
 
-from nnsvd.data.text import DataLoadError, load_text_splits, pack_blocks, tokenize_splits
+from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
+from nnsvd.errors import DataError
 from nnsvd.models.gpt2 import load_tokenizer
 
 LINES = 2000
@@ -91,14 +92,14 @@ def test_pack_blocks_drops_the_remainder():
 @pytest.mark.parametrize("key", ["train_file", "validation_file", "test_file"])
 def test_missing_file_names_the_key(wiki_files, key, tmp_path):
     missing = tmp_path / "nope.raw"
-    with pytest.raises(DataLoadError, match=f"^data.{key}: no such file: {missing}$"):
+    with pytest.raises(DataError, match=f"^data.{key}: no such file: {missing}$"):
         load_text_splits("text_files", **{**wiki_files, key: str(missing)}, cache_dir=tmp_path)
-    with pytest.raises(DataLoadError, match=f"^data.{key} is not set"):
+    with pytest.raises(DataError, match=f"^data.{key} is not set"):
         load_text_splits("text_files", **{**wiki_files, key: None}, cache_dir=tmp_path)
 
 
 def test_wikitext_from_an_unreachable_hub_says_what_to_do(tmp_path, offline):
-    with pytest.raises(DataLoadError, match="Hub .*data=text_files") as err:
+    with pytest.raises(DataError, match="Hub .*data=text_files") as err:
         load_text_splits("wikitext2", cache_dir=tmp_path)
     assert "\n" not in str(err.value)
 

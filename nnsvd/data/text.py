@@ -35,11 +35,6 @@ def _quiet_datasets():
         if enabled:
             datasets.enable_progress_bars()
 
-SPLITS = ("train", "validation", "test")
-
-
-DataLoadError = DataError  # a text dataset that could not be obtained from the Hub or local files
-
 
 def load_text_splits(
     kind: str,
@@ -67,7 +62,7 @@ def load_text_splits(
                 if unreachable is not None
                 else f"unreachable or offline? ({type(e).__name__}: {str(e).strip().splitlines()[0]})"
             )
-            raise DataLoadError(
+            raise DataError(
                 f"could not load WikiText-2 from the Hugging Face Hub: {cause}; use data=text_files with "
                 "data.train_file / data.validation_file / data.test_file pointing at local wiki.*.raw files"
             ) from e
@@ -75,9 +70,9 @@ def load_text_splits(
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         for split, path in files.items():
             if path is None:
-                raise DataLoadError(f"data.{split}_file is not set: data=text_files needs all three files")
+                raise DataError(f"data.{split}_file is not set: data=text_files needs all three files")
             if not Path(path).is_file():
-                raise DataLoadError(f"data.{split}_file: no such file: {path}")
+                raise DataError(f"data.{split}_file: no such file: {path}")
         data_files = {split: str(path) for split, path in files.items()}
         with _quiet_datasets():
             return datasets.load_dataset("text", data_files=data_files, cache_dir=cache, keep_linebreaks=True)

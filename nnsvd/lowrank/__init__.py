@@ -64,7 +64,7 @@ from nnsvd.lowrank.factorize import (
     svd_randomized,
 )
 from nnsvd.lowrank.layers import (
-    PLAIN,
+    LOWRANK,
     SYMMETRIC,
     FactorizedLayer,
     LowRankLinear,
@@ -150,7 +150,7 @@ __all__ = [
     "svd_exact",
     "weighted_truncation",
     "whiten",
-    "PLAIN",
+    "LOWRANK",
     "SYMMETRIC",
     "CompressionReport",
     "FactorizedLayer",

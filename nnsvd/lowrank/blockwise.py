@@ -29,6 +29,7 @@ Linux, glibc's malloc_trim hands freed heap memory back between layers.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -50,6 +51,7 @@ from nnsvd.lowrank.calibration import (
     shared_input_groups,
     stats_nbytes,
 )
+from nnsvd.lowrank.compensate import PairedGrams, alternate
 from nnsvd.lowrank.factorize import Factorizer, work_device
 from nnsvd.lowrank.layers import linear_weight
 from nnsvd.lowrank.progress import Progress
@@ -336,6 +338,7 @@ class BlockUpdate:
     lr: float = 1e-4
     holdout: float = 0.25
     eval_every: int = 8
+    kind: str = "block"  # or "alternating": closed-form A/B updates per layer (see compensate_block)
 
     def split(self, count: int) -> tuple[list[int], list[int]]:
         """(training, held-out) batch indices: the last ⌈holdout·count⌉ batches held out."""
@@ -403,7 +406,8 @@ def compress_blockwise(
                 "time%s%s; peak memory estimate %s",
                 len(batches), inputs.tokens(), len(names), sum(1 for b in per_block if b), blocks,
                 ", each calibrated on the compressed blocks before it" if sequential else "",
-                f", then {update.steps} Adam steps per block on its output error" if update else "",
+                (f", then {update.steps} Adam steps per block on its output error" if update.kind == "block" else
+                 f", then {update.steps} rounds of alternating A/B updates per layer") if update else "",
                 estimate.describe(),
             )
             report.memory_estimate = estimate.total
@@ -540,10 +544,17 @@ def _compress_block(
         if store is not None and part is not None:
             store.save(part, stats)
         _release_freed_memory()  # the block's forward temporaries, before the factorizations' working sets
+        alternating = update is not None and update.kind == "alternating"
+        relative = _relative_names(block, [model.get_submodule(n) for n in names]) if alternating else []
+        dense_block = copy.deepcopy(block) if alternating else None  # the dense layers' inputs, beside the compressed
         report = _factorize_layers(model, names, stats, ranks, fisher_rows, method=method,
                                    allow_full_rank=allow_full_rank)
     record = None
-    if update is not None:
+    if dense_block is not None:
+        layers = {rel: model.get_submodule(n) for rel, n in zip(relative, names)}
+        record = compensate_block(block, dense_block, layers, inputs, dense_hidden, dense_out, update)
+        del dense_block
+    elif update is not None:
         record = reconstruct_block(block, [model.get_submodule(n) for n in names], inputs, dense_out, update)
     with torch.no_grad():
         if sequential or two_streams:
@@ -671,6 +682,127 @@ def reconstruct_block(
     log.info("block-wise reconstruction: held-out output error %.4g → %.4g (best at step %d of %d; training loss "
              "%.4g → %.4g)", out["holdout_start"], out["holdout_best"], out["best_step"], update.steps,
              out["train_first"] or float("nan"), out["train_last"] or float("nan"))
+    return out
+
+
+def _relative_names(block: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
+    """Each module's name inside ``block``."""
+    names = {id(m): n for n, m in block.named_modules()}
+    return [names[id(m)] for m in modules]
+
+
+def _paired_grams(
+    block: nn.Module, dense_block: nn.Module, names: Sequence[str], inputs: BlockInputs, dense_hidden: Sequence[Tensor],
+    indices: Sequence[int],
+) -> dict[str, PairedGrams]:
+    """{layer name in the block: PairedGrams} over the batches ``indices``: each named layer's input in
+    ``dense_block`` on the dense stream (X) beside its input in ``block`` on the compressed stream (X̃).
+    Layers that read the same tensors (q/k/v, gate/up) share one set of sums."""
+    dense_seen: dict[str, Tensor] = {}
+    seen: dict[str, Tensor] = {}
+
+    def grabber(store: dict[str, Tensor], name: str):
+        def grab(module: nn.Module, args: tuple) -> None:
+            store[name] = args[0].detach()
+        return grab
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(grabber(seen, n)) for n in names]
+    handles += [dense_block.get_submodule(n).register_forward_pre_hook(grabber(dense_seen, n)) for n in names]
+    grams: dict[str, PairedGrams] = {}
+    try:
+        with torch.no_grad():
+            for j in indices:
+                inputs.run_on(dense_block, dense_hidden[j], j)
+                inputs.run(block, j)
+                owners: list[str] = []  # the first layer of each distinct (X, X̃) pair in this batch
+                for n in names:
+                    owner = next((o for o in owners if dense_seen[o] is dense_seen[n] and seen[o] is seen[n]), None)
+                    if owner is None:
+                        owners.append(n)
+                        if n not in grams:
+                            grams[n] = PairedGrams.zeros(dense_seen[n].shape[-1])
+                        grams[n].add(dense_seen[n], seen[n])
+                    else:
+                        grams.setdefault(n, grams[owner])
+                dense_seen.clear()
+                seen.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def _input_groups(
+    block: nn.Module, dense_block: nn.Module, names: Sequence[str], inputs: BlockInputs, dense_hidden: Sequence[Tensor],
+    j: int,
+) -> list[list[str]]:
+    """The named layers grouped by the input they share (q/k/v, gate/up), in the order the block runs them."""
+    order: list[str] = []
+    hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            inputs.run(block, j)
+    finally:
+        for h in hooks:
+            h.remove()
+    grams = _paired_grams(block, dense_block, names, inputs, dense_hidden, [j])
+    groups: dict[int, list[str]] = {}
+    for n in dict.fromkeys(order):
+        groups.setdefault(id(grams[n]), []).append(n)
+    return list(groups.values())
+
+
+def compensate_block(
+    block: nn.Module, dense_block: nn.Module, layers: Mapping[str, nn.Module], inputs: BlockInputs,
+    dense_hidden: Sequence[Tensor], targets: Sequence[Tensor], update: BlockUpdate,
+) -> dict:
+    """Alternating closed-form updates of each compressed layer's A and B (``compress.update=alternating``,
+    after AdaSVD): per layer, ``update.steps`` rounds minimizing ‖X·Wᵀ − X̃·(AB)ᵀ‖² from the block's
+    training batches, where X is the layer's input in the dense block on the dense stream and X̃ its input in
+    the compressed block on the compressed stream (nnsvd.lowrank.compensate). Each layer keeps its round that
+    is best on the held-out batches; then, if the block's held-out output error ‖block(h̃) − y‖²/‖y‖² is
+    higher than its closed form's, the closed form is put back, so a block never ends worse there.
+
+    The layers are updated group by group in the order the block runs them (q/k/v, then o, …), each group
+    from statistics taken after the groups before it changed: what it is fitted on is what it then reads.
+    Returns the record of ``reconstruct_block``'s form, plus each layer's best round.
+    """
+    train, held = update.split(len(inputs))
+    start = _relative_error(block, inputs, targets, held) if held else None
+    out = {"holdout_start": start, "holdout_best": start, "best_step": 0, "steps": update.steps,
+           "train_first": None, "train_last": None, "layers": {}}
+    if update.steps <= 0 or not held:
+        return out
+    closed = {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in layers.items()}
+    out["train_first"] = _relative_error(block, inputs, targets, train)
+    for group in _input_groups(block, dense_block, list(layers), inputs, dense_hidden, train[0]):
+        # statistics after the groups before it are updated: X̃ is what this group reads now
+        train_grams = _paired_grams(block, dense_block, group, inputs, dense_hidden, train)
+        held_grams = _paired_grams(block, dense_block, group, inputs, dense_hidden, held)
+        with torch.no_grad():
+            for n in group:
+                layer = layers[n]
+                weight = linear_weight(dense_block.get_submodule(n))[0]
+                result = alternate(weight, layer.A, layer.B, train_grams[n], held_grams[n], update.steps)
+                layer.A.copy_(result.a)
+                layer.B.copy_(result.b)
+                out["layers"][n] = {"best_step": result.best_step, "holdout_start": result.holdout_start,
+                                    "holdout_best": result.holdout_best}
+        del train_grams, held_grams
+    end = _relative_error(block, inputs, targets, held)
+    if end > start:
+        with torch.no_grad():
+            for n, layer in layers.items():
+                layer.A.copy_(closed[n][0])
+                layer.B.copy_(closed[n][1])
+        log.info("alternating update: held-out block output error %.4g → %.4g, higher: the closed form is kept",
+                 start, end)
+        return out
+    out["holdout_best"] = end
+    out["best_step"] = max(r["best_step"] for r in out["layers"].values())
+    out["train_last"] = _relative_error(block, inputs, targets, train)
+    log.info("alternating update: held-out block output error %.4g → %.4g (%d rounds per layer, best rounds %s)",
+             start, end, update.steps, sorted({r["best_step"] for r in out["layers"].values()}))
     return out
 
 

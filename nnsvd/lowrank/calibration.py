@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -306,8 +306,3 @@ def sequential_stages(names: Sequence[str]) -> list[list[str]]:
         match = _INDEX.match(name)
         stages.setdefault(match.group(1) if match else name, []).append(name)
     return list(stages.values())
-
-
-def stats_summary(stats: Mapping[str, LayerStats]) -> dict:
-    """Tokens per layer, for the log and the results."""
-    return {name: s.tokens for name, s in stats.items()}

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PLAIN = "lowrank"
-SYMMETRIC = "symmetric"
+# The two forms of a factorized layer, as reports and checkpoints name them.
+LOWRANK = "lowrank"  # W = A·B
+SYMMETRIC = "symmetric"  # W = B·Bᵀ
 
 
 class LowRankLinear(nn.Module):

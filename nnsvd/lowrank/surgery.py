@@ -21,7 +21,7 @@ from nnsvd.lowrank.calibration import (
 )
 from nnsvd.lowrank.factorize import Factorizer, factorize_symmetric
 from nnsvd.lowrank.layers import (
-    PLAIN,
+    LOWRANK,
     SYMMETRIC,
     FactorizedLayer,
     LowRankLinear,
@@ -88,8 +88,8 @@ def plan_compression(
         module = model.get_submodule(name)
         W, _ = linear_weight(module)
         shapes[name] = (W.shape[0], W.shape[1])
-        form = SYMMETRIC if symmetric and W.shape[0] == W.shape[1] else PLAIN
-        plan.append((name, module, _rank_for(name, rank), form))
+        form = SYMMETRIC if symmetric and W.shape[0] == W.shape[1] else LOWRANK
+        plan.append((name, module, _match_rank(name, rank), form))
     if isinstance(rank, int) and not isinstance(rank, bool):
         # one rank for every target: name the layer that binds it, once, with the largest rank all accept
         limit = {name: (min(shapes[name]) if allow_full_rank else
@@ -111,7 +111,7 @@ def plan_compression(
     return plan
 
 
-def _rank_for(name: str, rank: int | Mapping[str, int]) -> object:
+def _match_rank(name: str, rank: int | Mapping[str, int]) -> object:
     if not isinstance(rank, Mapping):
         return rank
     for pattern, r in rank.items():
@@ -120,7 +120,7 @@ def _rank_for(name: str, rank: int | Mapping[str, int]) -> object:
     raise RankError(f"no rank given for layer '{name}': add a pattern matching it to rank")
 
 
-def _new_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
+def _make_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
     """A (randomly initialized) factorized layer of the given form with ``like``'s shape, device,
     dtype and bias. (nn.utils.skip_init would avoid the init, but its first use costs ~1.5 s of
     imports; initializing thin factors costs milliseconds.)"""
@@ -129,14 +129,14 @@ def _new_layer(form: str, like: nn.Module, rank: int) -> FactorizedLayer:
     kw = {"device": W.device, "dtype": W.dtype, "bias": bias is not None}
     if form == SYMMETRIC:
         cls, args = SymmetricLowRankLinear, (in_f, rank)
-    elif form == PLAIN:
+    elif form == LOWRANK:
         cls, args = LowRankLinear, (in_f, out_f, rank)
     else:
-        raise ValueError(f"unknown form {form!r}; allowed: {PLAIN}, {SYMMETRIC}")
+        raise ValueError(f"unknown form {form!r}; allowed: {LOWRANK}, {SYMMETRIC}")
     return cls(*args, **kw)
 
 
-def _params(module: nn.Module) -> int:
+def _count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
@@ -172,19 +172,19 @@ def compress_model(
         W, bias = linear_weight(module)
         out_f, in_f = W.shape
         stats = calibration.get(name) if calibration is not None else None
-        row = LayerReport(name=name, shape=(out_f, in_f), rank=r, form=form, params_before=_params(module),
+        row = LayerReport(name=name, shape=(out_f, in_f), rank=r, form=form, params_before=_count_params(module),
                           params_after=0, method=name_of_method)
         W_norm = float(torch.linalg.vector_norm(W, dtype=torch.float64))
         # The new layer is made after the factorization: its factors never sit beside that working set.
         if form == SYMMETRIC:
             B, _ = factorize_symmetric(W, r)
-            new = _new_layer(form, module, r)
+            new = _make_layer(form, module, r)
             new.B.copy_(B)
             fro_error = float(torch.linalg.matrix_norm(W.double() - new.dense_weight().double()))
             row.method = "eigh-psd"
         else:
             f = factorize(W, r, factorizer, **({} if stats is None else {"calibration": stats}))
-            new = _new_layer(form, module, r)
+            new = _make_layer(form, module, r)
             new.A.copy_(f.A)
             new.B.copy_(f.B)
             fro_error = f.fro_error
@@ -199,7 +199,7 @@ def compress_model(
                 row.rel_data_error = relative_data_error(W.double(), new.dense_weight().double(), stats.gram)
         if bias is not None:
             new.bias.copy_(bias)
-        row.params_after = _params(new)
+        row.params_after = _count_params(new)
         model.set_submodule(name, new)
         row.rel_fro_error = fro_error / W_norm if W_norm > 0 else 0.0
         row.time_s = time.perf_counter() - start
@@ -270,11 +270,11 @@ def lowrank_from_scratch(
     report = CompressionReport()
     while plan:  # popped: each replaced layer is freed at once
         name, module, r, form = plan.pop(0)
-        new = _new_layer(form, module, r)
+        new = _make_layer(form, module, r)
         model.set_submodule(name, new)
         shape = (new.out_features, new.in_features)
         report.layers.append(
-            LayerReport(name, shape, r, form, _params(module), _params(new), method="random")
+            LayerReport(name, shape, r, form, _count_params(module), _count_params(new), method="random")
         )
     return report
 
@@ -292,7 +292,7 @@ def layer_records(model: nn.Module) -> list[dict]:
             "name": name,
             "shape": [layer.out_features, layer.in_features],
             "rank": layer.rank,
-            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else PLAIN,
+            "form": SYMMETRIC if isinstance(layer, SymmetricLowRankLinear) else LOWRANK,
         }
         for name, layer in factorized_layers(model)
     ]
@@ -311,4 +311,4 @@ def rebuild_structure(model: nn.Module, layers: Sequence[Mapping]) -> None:
             raise ValueError(
                 f"layer '{name}' is {shape[0]}×{shape[1]} in this model but {out_f}×{in_f} in the checkpoint"
             )
-        model.set_submodule(name, _new_layer(form, old, r))
+        model.set_submodule(name, _make_layer(form, old, r))

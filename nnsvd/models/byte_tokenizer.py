@@ -15,7 +15,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BYTES = "builtin:bytes"
 EOS_TOKEN = "<|endoftext|>"
-VOCAB_SIZE = 257  # 256 bytes + <|endoftext|>
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:

@@ -36,7 +36,8 @@ from nnsvd.perplexity import check_eval_memory, context_length, evaluate_perplex
 from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.tasks.base import Task
 from nnsvd.train import TrainResult
-from nnsvd.train_lm import train_causal_lm
+from nnsvd.train_lm import CausalLMSteps
+from nnsvd.training import fit
 from nnsvd.zero_shot import evaluate_tasks
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,7 @@ class LanguageModelingTask(Task):
         t = train_cfg
         seq_len = t.seq_len or context_length(model.config)[0]
         log.info("%s: %d sequences of %d tokens a step", desc, t.batch_size * t.grad_accum, seq_len)
-        out = train_causal_lm(
-            model,
+        recipe = CausalLMSteps(
             self._train_blocks(seq_len),
             steps=t.steps,
             batch_size=t.batch_size,
@@ -242,18 +242,12 @@ class LanguageModelingTask(Task):
             eval_fn=lambda m: self._perplexity(m, "validation")["ppl"],
             penalty_fn=orthonormal_penalty,
             alpha=alpha,
-            log_fn=lambda metrics, step: log_fn({"step": step, **metrics}),
             log_every=max(1, t.steps // 50),
-            should_stop=should_stop,
             device=self.device,
             seed=self.seed,
-            resume_state=resume_state,
             lr_key=lr_key,
         )
-        return TrainResult(
-            train_s=out["train_s"], epochs=out["steps"], history=out["history"], interrupted=out["interrupted"],
-            resume_state=out["resume_state"],
-        )
+        return fit(model, recipe, log=log_fn, should_stop=should_stop, resume_state=resume_state)
 
     def evaluate(self, model: nn.Module) -> dict:
         test = self._perplexity(model, "test")

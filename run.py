@@ -7,7 +7,7 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from nnsvd.config import checkpoint_overrides, register_configs, sweep_record
+from nnsvd.run.overrides import checkpoint_overrides, register_configs, sweep_record
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -16,7 +16,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from nnsvd.pipeline import run_job
+    from nnsvd.run.pipeline import run_job
 
     return run_job(cfg)
 
@@ -28,7 +28,7 @@ def primary_choices() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    from nnsvd.callbacks import sweep_failed
+    from nnsvd.cluster.callbacks import sweep_failed
 
     # checkpoint=DIR alone: the model (and data) options follow from DIR, as if given on the command line.
     sys.argv += checkpoint_overrides(sys.argv[1:], primary_choices())

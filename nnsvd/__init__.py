@@ -1,7 +1,5 @@
 """nn-svd: low-rank (SVD) compression and factorized training of neural networks."""
 
-from nnsvd.bounds import BoundResult, output_error_bound
-from nnsvd.counting import ParamSummary, count_macs, count_params, param_summary
 from nnsvd.lowrank import (
     CompressionReport,
     Factors,
@@ -16,7 +14,9 @@ from nnsvd.lowrank import (
     max_useful_rank,
     validate_rank,
 )
-from nnsvd.regularizers import orthonormal_penalty
+from nnsvd.lowrank.bounds import BoundResult, output_error_bound
+from nnsvd.lowrank.counting import ParamSummary, count_macs, count_params, param_summary
+from nnsvd.lowrank.regularizers import orthonormal_penalty
 
 __all__ = [
     "BoundResult",

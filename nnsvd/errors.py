@@ -1,4 +1,7 @@
-"""User-facing errors: each says, in one line, what is wrong and what to change."""
+"""User-facing errors: each says, in one line, what is wrong and what to change.
+
+Part of the base (docs/library.md, "The layers"): every layer raises these, so the module
+stays at the top of the package and imports nothing."""
 
 
 class NNSVDError(Exception):

@@ -6,6 +6,8 @@ and printed a warning for every retry. The probe (at most PROBE_TIMEOUT_S) finds
 When the Hub cannot be reached, huggingface_hub and datasets are switched to offline mode, as
 ``HF_HUB_OFFLINE=1`` does before they are imported: files already in the local Hugging Face
 cache are used, and anything else fails at once, without retries.
+
+Part of the base (docs/library.md, "The layers"): the models and the data both fetch from the Hub.
 """
 
 from __future__ import annotations

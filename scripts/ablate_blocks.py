@@ -28,7 +28,7 @@ from transformers import GPT2LMHeadModel
 from nnsvd import compress_model
 from nnsvd.lowrank.allocation import target_shapes, uniform_ranks
 from nnsvd.models.gpt2 import GPT2_TARGETS
-from nnsvd.perplexity import evaluate_perplexity
+from nnsvd.training.perplexity import evaluate_perplexity
 
 
 def read_byte_stream(data_root: str | Path, split: str, tokens: int | None = None) -> torch.Tensor:

@@ -49,7 +49,7 @@ from nnsvd.lowrank import (
 )
 from nnsvd.lowrank.allocation import target_shapes, uniform_ranks
 from nnsvd.models.causal_lm import DTYPES, default_targets
-from nnsvd.perplexity import lm_loss
+from nnsvd.training.perplexity import lm_loss
 
 GIB = 2**30
 

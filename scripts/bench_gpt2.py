@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nnsvd.counting import count_macs
 from nnsvd.lowrank import (
     collect_statistics,
     compress_model,
@@ -41,8 +40,9 @@ from nnsvd.lowrank import (
     stats_nbytes,
 )
 from nnsvd.lowrank.allocation import matrix_type, target_shapes, uniform_ranks
+from nnsvd.lowrank.counting import count_macs
 from nnsvd.models.gpt2 import GPT2_TARGETS
-from nnsvd.perplexity import evaluate_perplexity, lm_loss
+from nnsvd.training.perplexity import evaluate_perplexity, lm_loss
 
 ERROR_TOLERANCE = 1.01  # a layer's error may exceed the Eckart–Young optimum by at most 1%
 

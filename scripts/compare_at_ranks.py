@@ -26,11 +26,11 @@ from ablate_blocks import read_byte_stream
 from transformers import GPT2LMHeadModel
 
 from nnsvd import compress_model
-from nnsvd.calibration_data import draw_samples
 from nnsvd.config import CalibrationConfig
+from nnsvd.data.calibration import draw_samples
 from nnsvd.data.text import pack_blocks
 from nnsvd.lowrank import compress_with_calibration, resolve_factorizer
-from nnsvd.perplexity import evaluate_perplexity, lm_loss
+from nnsvd.training.perplexity import evaluate_perplexity, lm_loss
 
 
 def read_sweep_ranks(sweep_dir: Path, ratios: list[float]) -> list[dict]:

@@ -31,8 +31,8 @@ import hydra  # noqa: E402
 from ablate_blocks import truncated  # noqa: E402
 
 import run  # noqa: E402
-from nnsvd.callbacks import sweep_failed  # noqa: E402
-from nnsvd.config import checkpoint_overrides, sweep_record  # noqa: E402
+from nnsvd.cluster.callbacks import sweep_failed  # noqa: E402
+from nnsvd.run.overrides import checkpoint_overrides, sweep_record  # noqa: E402
 from nnsvd.training import StepRecord, on_step  # noqa: E402
 
 

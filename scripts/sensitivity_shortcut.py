@@ -22,12 +22,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from nnsvd.compression import factorizer, measurement_batches
-from nnsvd.config import register_configs
 from nnsvd.lowrank import collect_statistics, decoder_blocks
 from nnsvd.lowrank.allocation import target_shapes
 from nnsvd.lowrank.sensitivity import measure_sensitivity
-from nnsvd.pipeline import local_paths, make_task
+from nnsvd.run.compression import factorizer, measurement_batches
+from nnsvd.run.overrides import register_configs
+from nnsvd.run.pipeline import local_paths, make_task
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = "model.layers.0.self_attn.k_proj,model.layers.14.mlp.down_proj,model.layers.29.self_attn.o_proj"

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nnsvd.summary import REFERENCE_CSV, collect, not_ok, summarize
+from nnsvd.tracking.summary import REFERENCE_CSV, collect, not_ok, summarize
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The output-error bounds of nnsvd.bounds hold, are tight where they should be, and are not vacuous."""
+"""The output-error bounds of nnsvd.lowrank.bounds hold, are tight where they should be, and are not vacuous."""
 
 from __future__ import annotations
 

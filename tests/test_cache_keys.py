@@ -17,9 +17,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from nnsvd.compression import sensitivity_key, statistics_store
-from nnsvd.config import Config, plain, register_configs
-from nnsvd.pipeline import dense_cache_entry, evaluate_dense, local_paths, make_task
+from nnsvd.config import Config, plain
+from nnsvd.run.compression import sensitivity_key, statistics_store
+from nnsvd.run.overrides import register_configs
+from nnsvd.run.pipeline import dense_cache_entry, evaluate_dense, local_paths, make_task
 
 register_configs()
 START = Path("/nnsvd-start")  # the directory the run starts in: relative paths resolve against it (never created)

@@ -31,6 +31,7 @@ from nnsvd.lowrank import (
     linear_weight,
     resolve_factorizer,
 )
+from nnsvd.lowrank.regularizers import orthonormal_penalty
 from nnsvd.models.causal_lm import (
     default_targets,
     load_causal_lm,
@@ -39,9 +40,8 @@ from nnsvd.models.causal_lm import (
     save_compressed,
 )
 from nnsvd.models.gpt2 import GPT2_TARGETS, load_tokenizer
-from nnsvd.perplexity import evaluate_perplexity
-from nnsvd.regularizers import orthonormal_penalty
-from nnsvd.train_lm import train_causal_lm
+from nnsvd.training.language_modeling import train_causal_lm
+from nnsvd.training.perplexity import evaluate_perplexity
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

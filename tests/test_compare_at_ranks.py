@@ -12,7 +12,7 @@ from conftest import HANG, REPO
 from reference_truncation import TARGETS, truncate_blocks
 
 from nnsvd.models.gpt2 import load_gpt2
-from nnsvd.perplexity import evaluate_perplexity
+from nnsvd.training.perplexity import evaluate_perplexity
 
 
 def test_rows_are_the_jobs_ranks_and_plain_svd_equals_an_independent_truncation(tmp_path):

@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from nnsvd.config import (
+from nnsvd.config import Mode
+from nnsvd.run.overrides import (
     NAME_LIMIT,
-    Mode,
     checkpoint_overrides,
     job_dirname,
     override_name,

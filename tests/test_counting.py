@@ -16,7 +16,7 @@ from nnsvd import (
     lowrank_from_scratch,
     param_summary,
 )
-from nnsvd.counting import layer_macs
+from nnsvd.lowrank.counting import layer_macs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nnsvd.perplexity import Window, evaluate_perplexity, lm_loss, strided_windows
+from nnsvd.training.perplexity import Window, evaluate_perplexity, lm_loss, strided_windows
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Exact-math tests of nnsvd.regularizers.orthonormal_penalty."""
+"""Exact-math tests of nnsvd.lowrank.regularizers.orthonormal_penalty."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 from submitit.core.utils import UncompletedJobError
 
-from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
+from nnsvd.cluster.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_when_submitit_declines_to_requeue_the_job_ends_as_interrupted(slurm_job
 @pytest.fixture
 def stop_handlers():
     """run_job's SIGTERM/SIGINT handlers, installed for the test and removed after it."""
-    from nnsvd import pipeline
+    from nnsvd.run import pipeline
 
     restore = pipeline._install_stop_handlers()
     pipeline._phase[0] = "starting"

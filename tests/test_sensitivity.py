@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnsvd.compression import measurement_batches
 from nnsvd.lowrank import collect_statistics, compress_model
 from nnsvd.lowrank.allocation import target_shapes
 from nnsvd.lowrank.sensitivity import mean_loss, measure_sensitivity
+from nnsvd.run.compression import measurement_batches
 
 
 def loss_fn(model, batch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nnsvd.squeue import ENDED, SqueueWatcher
+from nnsvd.cluster.squeue import ENDED, SqueueWatcher
 
 
 def _watcher(*job_ids: str) -> SqueueWatcher:

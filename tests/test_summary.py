@@ -1,4 +1,4 @@
-"""Sweep summaries (nnsvd.summary, nnsvd.callbacks, scripts/summarize.py) on a synthetic MLP sweep."""
+"""Sweep summaries (nnsvd.tracking.summary, nnsvd.cluster.callbacks, scripts/summarize.py) on a synthetic MLP sweep."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import yaml
 from conftest import HANG
 from omegaconf import OmegaConf
 
-from nnsvd import callbacks, summary
+from nnsvd.cluster import callbacks
 from nnsvd.config import WandbConfig, WandbMode
+from nnsvd.tracking import summary
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

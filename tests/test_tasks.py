@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from nnsvd.console import closing_line
 from nnsvd.errors import ConfigError
-from nnsvd.summary.rows import job_row
+from nnsvd.run.console import closing_line
 from nnsvd.tasks.base import TASKS, Task, task_class
 from nnsvd.tracking import main_metric, main_metric_name
+from nnsvd.tracking.summary.rows import job_row
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -68,6 +68,6 @@ def test_the_summary_row_reads_the_main_metric_from_results(tmp_path):
 
 
 def test_the_summary_does_not_import_the_pipeline():
-    code = "import sys, nnsvd.summary.rows; print('nnsvd.pipeline' in sys.modules)"
+    code = "import sys, nnsvd.tracking.summary.rows; print('nnsvd.run.pipeline' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,11 +1,11 @@
-"""Each job of a parallel sweep gets its share of the cores (nnsvd.threads)."""
+"""Each job of a parallel sweep gets its share of the cores (nnsvd.run.threads)."""
 
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
-from nnsvd.threads import SWEEP_JOBS_ENV, USER_OMP_ENV, job_threads, parallel_jobs, sweep_jobs
+from nnsvd.run.threads import SWEEP_JOBS_ENV, USER_OMP_ENV, job_threads, parallel_jobs, sweep_jobs
 
 JOBLIB = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": -1}
 LOCAL = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "cpus_per_task": None}

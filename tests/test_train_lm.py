@@ -9,9 +9,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nnsvd.lowrank import compress_model
+from nnsvd.lowrank.regularizers import orthonormal_penalty
 from nnsvd.models.gpt2 import GPT2_TARGETS
-from nnsvd.regularizers import orthonormal_penalty
-from nnsvd.train_lm import DivergenceError, train_causal_lm
+from nnsvd.training.language_modeling import DivergenceError, train_causal_lm
 
 
 def tiny_model(seed: int = 0) -> GPT2LMHeadModel:

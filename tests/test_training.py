@@ -11,12 +11,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from nnsvd.errors import DivergenceError
 from nnsvd.lowrank import compress_model
+from nnsvd.lowrank.regularizers import orthonormal_penalty
 from nnsvd.models.gpt2 import GPT2_TARGETS
 from nnsvd.models.mlp import MLP
-from nnsvd.regularizers import orthonormal_penalty
-from nnsvd.train import train_classifier
-from nnsvd.train_lm import train_causal_lm
 from nnsvd.training import StepRecord, fit, on_step
+from nnsvd.training.classification import train_classifier
+from nnsvd.training.language_modeling import train_causal_lm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

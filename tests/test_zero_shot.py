@@ -1,4 +1,4 @@
-"""nnsvd.zero_shot: the checks that run before anything is loaded."""
+"""nnsvd.training.zero_shot: the checks that run before anything is loaded."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from nnsvd.errors import ConfigError
-from nnsvd.zero_shot import check_tasks
+from nnsvd.training.zero_shot import check_tasks
 
 
 def test_no_tasks_needs_no_lm_eval():

@@ -20,7 +20,7 @@ from nnsvd.errors import ConfigError
 
 if TYPE_CHECKING:
     from nnsvd.config import CalibrationConfig, Config, TrainConfig
-    from nnsvd.train import TrainResult
+    from nnsvd.training.classification import TrainResult
 
 
 class Task(ABC):
@@ -36,7 +36,7 @@ class Task(ABC):
     supports_bound: ClassVar[bool] = False  # ``bound`` measures the compressed model's output error
     supports_sample: ClassVar[bool] = False  # ``sample`` writes a text continuation
     weights: str | None = None  # where a pretrained model's weights came from (None: trained here)
-    zero_shot: Any = None  # lm-eval's TaskManager when eval.tasks is set (nnsvd.zero_shot.check_tasks)
+    zero_shot: Any = None  # lm-eval's TaskManager when eval.tasks is set (nnsvd.training.zero_shot.check_tasks)
 
     @abstractmethod
     def __init__(self, config: Config, data_root: Path, device: torch.device, cache_dir: Path | None) -> None:

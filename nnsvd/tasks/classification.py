@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nnsvd.bounds import output_error_bound
-from nnsvd.calibration_data import draw_samples
-from nnsvd.checkpoint import load_checkpoint, save_checkpoint
 from nnsvd.config import CalibrationConfig, Config, MLPConfig, MNISTDataConfig, TrainConfig, plain
+from nnsvd.data.calibration import draw_samples
 from nnsvd.data.mnist import MNISTSplits, load_mnist
 from nnsvd.errors import DataError
+from nnsvd.lowrank.bounds import output_error_bound
+from nnsvd.models.checkpoint import load_checkpoint, save_checkpoint
 from nnsvd.models.mlp import MLP
 from nnsvd.tasks.base import Task
-from nnsvd.train import TrainResult, evaluate_classifier, train_classifier
+from nnsvd.training.classification import TrainResult, evaluate_classifier, train_classifier
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from nnsvd.calibration_data import draw_samples
 from nnsvd.config import (
     CalibrationConfig,
     CausalLMConfig,
@@ -25,20 +24,21 @@ from nnsvd.config import (
     TrainConfig,
     plain,
 )
+from nnsvd.data.calibration import draw_samples
 from nnsvd.data.text import load_text_splits, pack_blocks, tokenize_splits
 from nnsvd.errors import CheckpointError, ConfigError
 from nnsvd.hub import check_hub
 from nnsvd.lowrank import layer_records
+from nnsvd.lowrank.regularizers import orthonormal_penalty
 from nnsvd.models import causal_lm, gguf, gpt2
 from nnsvd.models.hf_checkpoint import save_compressed
 from nnsvd.models.sources import is_hub_name
-from nnsvd.perplexity import check_eval_memory, context_length, evaluate_perplexity, resolve_window
-from nnsvd.regularizers import orthonormal_penalty
 from nnsvd.tasks.base import Task
-from nnsvd.train import TrainResult
-from nnsvd.train_lm import CausalLMSteps
 from nnsvd.training import fit
-from nnsvd.zero_shot import evaluate_tasks
+from nnsvd.training.classification import TrainResult
+from nnsvd.training.language_modeling import CausalLMSteps
+from nnsvd.training.perplexity import check_eval_memory, context_length, evaluate_perplexity, resolve_window
+from nnsvd.training.zero_shot import evaluate_tasks
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LanguageModelingTask(Task):
         self.gguf: gguf.GGUFSource | None = None
         self.source: str | None = cfg.model.name_or_path  # what is loaded: name_or_path, or the fallback
         self.weights: str | None = None  # which weights a pretrained model has: recorded in results.json
-        self.zero_shot = None  # lm-eval's TaskManager when eval.tasks is set (nnsvd.zero_shot.check_tasks)
+        self.zero_shot = None  # lm-eval's TaskManager when eval.tasks is set (nnsvd.training.zero_shot.check_tasks)
         self._check_model_settings()
 
     def length(self, train: TrainConfig) -> int:

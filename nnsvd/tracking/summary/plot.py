@@ -7,10 +7,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnsvd.summary.curves import axes_of, curves, dense_reference, line_label, mean
-from nnsvd.summary.reference import draw_reference
-from nnsvd.summary.rows import METRIC_STYLES, METRICS
-from nnsvd.summary.table import number
+from nnsvd.tracking.summary.curves import axes_of, curves, dense_reference, line_label, mean
+from nnsvd.tracking.summary.reference import draw_reference
+from nnsvd.tracking.summary.rows import METRIC_STYLES, METRICS
+from nnsvd.tracking.summary.table import number
 
 LINESTYLES = {"uniform": "-", "spectrum": "--", "sensitivity": ":", "loss": "-."}
 RATIO_LABEL = "compress.ratio: fraction of the target layers' weights removed (requested)"

@@ -6,7 +6,7 @@
 - ``reference``: the original work's published MNIST numbers, overlaid for comparison;
 - ``dashboard``: a "summary" run in the sweep's W&B group.
 
-``summarize`` does it all; the Hydra callback in ``nnsvd.callbacks`` and ``scripts/summarize.py`` call it.
+``summarize`` does it all; the Hydra callback in ``nnsvd.cluster.callbacks`` and ``scripts/summarize.py`` call it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnsvd.summary.curves import axes_of, curves, dense_reference, line_key, line_label
-from nnsvd.summary.dashboard import log_summary_to_wandb
-from nnsvd.summary.plot import plot_summary
-from nnsvd.summary.reference import REFERENCE_CSV, REFERENCE_LABEL, read_reference
-from nnsvd.summary.rows import (
+from nnsvd.tracking import wandb_group
+from nnsvd.tracking.summary.curves import axes_of, curves, dense_reference, line_key, line_label
+from nnsvd.tracking.summary.dashboard import log_summary_to_wandb
+from nnsvd.tracking.summary.plot import plot_summary
+from nnsvd.tracking.summary.reference import REFERENCE_CSV, REFERENCE_LABEL, read_reference
+from nnsvd.tracking.summary.rows import (
     COLUMNS,
     METRIC_STYLES,
     METRICS,
@@ -28,8 +29,7 @@ from nnsvd.summary.rows import (
     shorten,
     status_counts,
 )
-from nnsvd.summary.table import markdown_table, write_csv
-from nnsvd.tracking import wandb_group
+from nnsvd.tracking.summary.table import markdown_table, write_csv
 
 __all__ = [
     "COLUMNS",

@@ -6,8 +6,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnsvd.summary.curves import axes_of, curves, line_label
-from nnsvd.summary.rows import COLUMNS, METRICS, not_ok
+from nnsvd.tracking.summary.curves import axes_of, curves, line_label
+from nnsvd.tracking.summary.rows import COLUMNS, METRICS, not_ok
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnsvd.calibration_data import check_calibration
-from nnsvd.checkpoint import write_json_atomic
 from nnsvd.config import (
     Allocation,
     CalibrationConfig,
@@ -26,8 +24,9 @@ from nnsvd.config import (
     SpectrumLoss,
     plain,
 )
-from nnsvd.counting import param_summary
+from nnsvd.data.calibration import check_calibration
 from nnsvd.errors import ConfigError
+from nnsvd.files import write_json_atomic
 from nnsvd.lowrank import (
     SYMMETRIC,
     BlockUpdate,
@@ -55,6 +54,7 @@ from nnsvd.lowrank.allocation import (
     target_shapes,
     uniform_ranks,
 )
+from nnsvd.lowrank.counting import param_summary
 from nnsvd.lowrank.sensitivity import measure_sensitivity, sensitivity_allocation
 from nnsvd.tasks.base import Task
 

@@ -10,7 +10,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-REFERENCE_CSV = Path(__file__).parents[1] / "reference" / "seed_mlp_results.csv"
+REFERENCE_CSV = Path(__file__).parents[2] / "reference" / "seed_mlp_results.csv"
 REFERENCE_LABEL = "original (published, dropout at eval)"
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnsvd.summary.rows import COLUMNS, METRIC_STYLES, shorten, status_counts
+from nnsvd.tracking.summary.rows import COLUMNS, METRIC_STYLES, shorten, status_counts
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:

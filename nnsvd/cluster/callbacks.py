@@ -5,7 +5,7 @@ Enable it in the config (or on the command line with ``+hydra.callbacks.summary.
     hydra:
       callbacks:
         summary:
-          _target_: nnsvd.callbacks.SweepSummary
+          _target_: nnsvd.cluster.callbacks.SweepSummary
           reference: true   # overlay the published MLP numbers
           wandb: true       # a "summary" W&B run in the sweep's group (wandb.mode decides how)
 
@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from nnsvd.summary import REFERENCE_CSV, not_ok, shorten, status_counts, summarize
+from nnsvd.tracking.summary import REFERENCE_CSV, not_ok, shorten, status_counts, summarize
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,11 @@ def sweep_failed() -> bool:
 
 class SlurmJobStates(Callback):
     """Before a SLURM sweep submits its jobs: on a cluster without accounting, submitit reads the
-    job states from squeue instead of failing on sacct at every poll (see ``nnsvd.squeue``)."""
+    job states from squeue instead of failing on sacct at every poll (see ``nnsvd.cluster.squeue``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
         if launcher.endswith(".SlurmLauncher"):
-            from nnsvd.squeue import use_squeue_without_accounting
+            from nnsvd.cluster.squeue import use_squeue_without_accounting
 
             use_squeue_without_accounting()

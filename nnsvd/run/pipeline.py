@@ -23,36 +23,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nnsvd.checkpoint import (
-    KINDS,
-    CheckpointInfo,
-    cache_key,
-    checkpoint_info,
-    clear_train_state,
-    has_train_state,
-    load_train_state,
-    locked,
-    read_json,
-    save_train_state,
-    write_json_atomic,
-)
-from nnsvd.compression import check_compression, compress, data_aware, needs_calibration
+from nnsvd.cluster.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
 from nnsvd.config import (
-    KIND_MODELS,
-    KIND_OPTIONS,
     CompressMethod,
     Config,
     EvalConfig,
     RegularizerConfig,
     TrainConfig,
     check_known_keys,
-    explicit_model_keys,
-    override_items,
     plain,
 )
-from nnsvd.console import closing_line
-from nnsvd.counting import param_summary
 from nnsvd.errors import ConfigError, NNSVDError
+from nnsvd.files import read_json, write_json_atomic
 from nnsvd.lowrank import (
     LOWRANK,
     SYMMETRIC,
@@ -67,9 +49,14 @@ from nnsvd.lowrank import (
     factorized_layers,
     lowrank_from_scratch,
 )
-from nnsvd.requeue import hand_back, in_slurm_job, requeue_signal, restart_count, slurm_job_id
+from nnsvd.lowrank.counting import param_summary
+from nnsvd.models.checkpoint import KINDS, CheckpointInfo, checkpoint_info
+from nnsvd.run.cache import cache_key, locked
+from nnsvd.run.compression import check_compression, compress, data_aware, needs_calibration
+from nnsvd.run.console import closing_line
+from nnsvd.run.overrides import KIND_MODELS, KIND_OPTIONS, explicit_model_keys, override_items
+from nnsvd.run.threads import set_job_threads
 from nnsvd.tasks.base import Task, task_class
-from nnsvd.threads import set_job_threads
 from nnsvd.tracking import (
     Tracker,
     flatten,
@@ -80,7 +67,8 @@ from nnsvd.tracking import (
     wandb_group,
     write_results,
 )
-from nnsvd.zero_shot import ZERO_SHOT_KEYS, check_tasks
+from nnsvd.training.resume import clear_train_state, has_train_state, load_train_state, save_train_state
+from nnsvd.training.zero_shot import ZERO_SHOT_KEYS, check_tasks
 
 log = logging.getLogger("nnsvd")
 

@@ -1,4 +1,4 @@
-"""Model checkpoints (safetensors + a JSON structure record) and the dense-model cache.
+"""Model checkpoints: safetensors + a JSON structure record, and what a checkpoint is.
 
 An MLP checkpoint directory holds ``model.safetensors`` and ``model.json``:
 {"model": <model config>, "layers": [{"name", "shape", "rank", "form"}, …], "meta": {…}}.
@@ -16,17 +16,14 @@ loading its weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -43,22 +40,6 @@ KINDS = {
     "gpt2": f"a GPT-2 ({GPT2_CONFIG} + {GPT2_LAYERS})",
     "causal_lm": f"a causal LM ({GPT2_CONFIG} + {GPT2_LAYERS})",
 }
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(model: nn.Module, directory: Path, model_config: Mapping, meta: Mapping | None = None) -> Path:
@@ -207,75 +188,3 @@ def run_choices(directory: Path) -> dict:
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return {}
     return {k: choices[k] for k in ("model", "data") if isinstance(choices.get(k), str)}
-
-
-# ------------------------------------------------------------------------ dense cache
-
-
-def cache_key(parts: Mapping) -> str:
-    """Stable short hash of the settings that determine a trained dense model."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextmanager
-def locked(path: Path, timeout: float = -1):
-    """Hold an inter-process file lock on ``path`` (parallel sweep jobs share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=timeout):
-        yield
-
-
-# --------------------------------------------------------------- training state
-
-RESUME_DIR = "interrupted"
-TRAINER = "trainer.pt"
-
-
-def save_train_state(run_dir: Path, phase: str, model: nn.Module, save: Callable, trainer: Mapping) -> Path:
-    """Save an interrupted training phase atomically: the model through ``save(model, dir)`` (the
-    task's own format) and the trainer state (optimizer, RNG, progress) beside it.
-
-    ``trainer`` holds only tensors, numbers, strings, lists and dicts, so it loads back with
-    ``torch.load(weights_only=True)`` (no arbitrary unpickling).
-    """
-    import torch
-
-    directory = Path(run_dir) / RESUME_DIR
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{RESUME_DIR}.", suffix=".tmp"))
-    try:
-        save(model, tmp)
-        torch.save({"phase": phase, **trainer}, tmp / TRAINER)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def load_train_state(run_dir: Path, phase: str, load: Callable) -> tuple[nn.Module, dict] | None:
-    """(model, trainer state) of an interrupted ``phase`` saved in ``run_dir``, else None.
-
-    ``load(dir)`` is the task's loader, returning (model, record)."""
-    import torch
-
-    directory = Path(run_dir) / RESUME_DIR
-    if not (directory / TRAINER).is_file():
-        return None
-    try:
-        trainer = torch.load(directory / TRAINER, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"the interrupted-training state in {directory} is unreadable ({exc}); delete it") from exc
-    if trainer.get("phase") != phase:
-        return None
-    model, _ = load(directory)
-    return model, trainer
-
-
-def has_train_state(run_dir: Path) -> bool:
-    """Whether an interrupted training phase saved its state in ``run_dir``."""
-    return (Path(run_dir) / RESUME_DIR / TRAINER).is_file()
-
-
-def clear_train_state(run_dir: Path) -> None:
-    shutil.rmtree(Path(run_dir) / RESUME_DIR, ignore_errors=True)

@@ -33,6 +33,8 @@ LAYERS = {
     "nnsvd.perplexity": MIDDLE,  # old paths of training modules, kept for library users
     "nnsvd.train": MIDDLE,
     "nnsvd.train_lm": MIDDLE,
+    "nnsvd.callbacks": TOP,  # old paths of the Hydra callbacks' modules, which saved configs may name
+    "nnsvd.threads": TOP,
     "nnsvd.tasks": TASKS,
     "nnsvd.run": TOP,
     "nnsvd.tracking": TOP,

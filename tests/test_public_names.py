@@ -30,6 +30,9 @@ DOCUMENTED = {
     "nnsvd.perplexity": ["lm_loss"],
     "nnsvd.train": ["ClassifierEpochs", "train_classifier"],
     "nnsvd.train_lm": ["CausalLMSteps", "train_causal_lm"],
+    # the _target_s conf/config.yaml named before the layout, which a saved .hydra/config.yaml may still name
+    "nnsvd.callbacks": ["SweepSummary", "SlurmJobStates"],
+    "nnsvd.threads": ["SweepThreads"],
 }
 
 
@@ -40,7 +43,8 @@ def test_documented_name_imports(module, name):
 
 def test_old_paths_are_the_new_modules():
     for old, new in [("nnsvd.perplexity", "nnsvd.training.perplexity"), ("nnsvd.train", "nnsvd.training.classification"),
-                     ("nnsvd.train_lm", "nnsvd.training.language_modeling")]:
+                     ("nnsvd.train_lm", "nnsvd.training.language_modeling"),
+                     ("nnsvd.callbacks", "nnsvd.cluster.callbacks"), ("nnsvd.threads", "nnsvd.run.threads")]:
         assert importlib.import_module(old) is importlib.import_module(new)
 
 

@@ -27,12 +27,9 @@ from pathlib import Path
 # run.py, the suite's entrypoint, and the nnsvd beside it: this checkout's, as for `python run.py`
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-import hydra  # noqa: E402
 from ablate_blocks import truncated  # noqa: E402
 
 import run  # noqa: E402
-from nnsvd.cluster.callbacks import sweep_failed  # noqa: E402
-from nnsvd.run.overrides import checkpoint_overrides, sweep_record  # noqa: E402
 from nnsvd.training import StepRecord, on_step  # noqa: E402
 
 
@@ -52,21 +49,6 @@ def probe(ratios: list[float], out: Path, rows: list[dict]) -> Callable[[StepRec
     return measure
 
 
-def run_suite(overrides: list[str]) -> int:
-    """run.py with ``overrides`` as its command line, in this process; its exit status."""
-    # as run.py's own __main__ does: checkpoint=DIR implies its model, a multirun records its swept keys
-    overrides = [*overrides, *checkpoint_overrides(overrides, run.primary_choices()), *sweep_record(overrides)]
-    sys.argv = [run.__file__, *overrides]  # Hydra reads its overrides from here
-    # run.main's config_path is relative to run.py, which Hydra resolves only for the script it started
-    # from; imported, the same function needs the absolute path
-    job = hydra.main(version_base="1.3", config_path=str(run.CONF), config_name="config")(run.main.__wrapped__)
-    try:
-        job()
-    except SystemExit as stop:
-        return stop.code or 0
-    return 1 if sweep_failed() else 0
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("outputs/probe_training.jsonl"))
@@ -81,7 +63,7 @@ def main() -> None:
     prog = Path(sys.argv[0]).name
     rows: list[dict] = []
     with on_step(probe(args.ratios, args.out, rows)):
-        status = run_suite(overrides)
+        status = run.cli(overrides)
     if not rows:  # nothing was measured: that is no success, whatever run.py did
         print(
             f"{prog}: error: no training validation was probed (the dense model came from the "

@@ -37,7 +37,13 @@ from nnsvd.tasks.base import Task
 from nnsvd.training import fit
 from nnsvd.training.classification import TrainResult
 from nnsvd.training.language_modeling import CausalLMSteps
-from nnsvd.training.perplexity import check_eval_memory, context_length, evaluate_perplexity, resolve_window
+from nnsvd.training.perplexity import (
+    check_eval_memory,
+    context_length,
+    evaluate_perplexity,
+    lm_loss,
+    resolve_window,
+)
 from nnsvd.training.zero_shot import evaluate_tasks
 
 log = logging.getLogger(__name__)
@@ -276,7 +282,7 @@ class LanguageModelingTask(Task):
 
     @staticmethod
     def calibration_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch, use_cache=False).loss
+        return lm_loss(model, batch)
 
     @torch.inference_mode()
     def sample(self, model: nn.Module) -> str:

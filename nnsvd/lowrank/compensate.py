@@ -70,15 +70,20 @@ def relative_objective(weight: Tensor, product: Tensor, grams: PairedGrams) -> f
     return objective(weight, product, grams) / max(energy, 1e-300)
 
 
-def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """matrix⁻¹·rhs for a symmetric positive (semi)definite matrix: Cholesky, with a growing jitter if needed."""
+def _cholesky(matrix: Tensor) -> Tensor:
+    """The lower Cholesky factor of a symmetric positive (semi)definite matrix, with a growing jitter if needed."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     scale = float(matrix.diagonal().abs().mean().clamp_min(1e-300))
-    for jitter in (0.0, 1e-12, 1e-10, 1e-8, 1e-6):
+    for jitter in (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
         factor, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(rhs, factor)
-    return torch.linalg.lstsq(matrix, rhs).solution
+            return factor
+    raise torch.linalg.LinAlgError("the matrix is not positive semidefinite, even with a jitter of 1e-4 of its scale")
+
+
+def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """matrix⁻¹·rhs for a symmetric positive (semi)definite matrix, through its Cholesky factor."""
+    return torch.cholesky_solve(rhs, _cholesky(matrix))
 
 
 def step_a(weight: Tensor, b: Tensor, grams: PairedGrams, lam: float) -> Tensor:
@@ -108,31 +113,58 @@ class Compensation:
     holdout_best: float | None
 
 
+class _Problem:
+    """One layer's objective on one set of statistics, with what every round reuses computed once:
+    W·C, the energy tr(W·G·Wᵀ), and for the training set the Cholesky factor of G̃ + λI. For M = A·B,
+
+        f = tr(W·G·Wᵀ) − 2·⟨Aᵀ·W·C, B⟩ + ⟨AᵀA, B·G̃·Bᵀ⟩      (no out×in product is formed)."""
+
+    def __init__(self, weight: Tensor, grams: PairedGrams, lam: float = 0.0) -> None:
+        self.grams, self.lam = grams, lam
+        self.wc = weight @ grams.cross
+        self.energy = float(((weight @ grams.dense) * weight).sum())
+        eye = torch.eye(weight.shape[1], dtype=torch.float64, device=weight.device)
+        self.ridged = grams.compressed + lam * eye
+
+    def relative(self, a: Tensor, b: Tensor) -> float:
+        """The output error of A·B relative to the dense output energy (without ridge)."""
+        value = self.energy - 2 * float(((a.T @ self.wc) * b).sum()) + float(((a.T @ a) * (b @ self.grams.compressed @ b.T)).sum())
+        return value / max(self.energy, 1e-300)
+
+    def step_a(self, b: Tensor) -> Tensor:
+        """A = W·C·Bᵀ·(B·(G̃ + λI)·Bᵀ)⁻¹."""
+        return _spd_solve(b @ self.ridged @ b.T, (self.wc @ b.T).T).T
+
+    def step_b(self, a: Tensor, factor: Tensor) -> Tensor:
+        """B = (AᵀA)⁻¹·Aᵀ·W·C·(G̃ + λI)⁻¹, with ``factor`` the Cholesky factor of G̃ + λI."""
+        left = _spd_solve(a.T @ a, a.T @ self.wc)
+        return torch.cholesky_solve(left.T, factor).T
+
+
 def alternate(
     weight: Tensor, a: Tensor, b: Tensor, train: PairedGrams, held: PairedGrams | None, steps: int,
     ridge_scale: float = 1e-6,
 ) -> Compensation:
     """``steps`` rounds of (A-step, B-step) from (a, b) on the training statistics; return the round that is
     best on ``held`` (on ``train`` when there is none). Round 0 is the start, so the result is never worse there.
-    Computed in float64; the factors come back in a's dtype."""
+    Computed in float64; the factors come back in a's dtype. Each round is step_a then step_b."""
     w = weight.detach().double()
     a0, b0 = a.detach().double(), b.detach().double()
-    lam = ridge(train, ridge_scale)
-    score_on = held if held is not None else train
-    best = (relative_objective(w, a0 @ b0, score_on), 0, a0, b0)
-    train_start = relative_objective(w, a0 @ b0, train)
-    train_best = train_start
+    fit = _Problem(w, train, ridge(train, ridge_scale))
+    score = _Problem(w, held) if held is not None else fit
+    factor = _cholesky(fit.ridged)
+    best = (score.relative(a0, b0), 0, a0, b0)
+    start = best[0]
     cur_a, cur_b = a0, b0
     for step in range(1, steps + 1):
-        cur_a = step_a(w, cur_b, train, lam)
-        cur_b = step_b(w, cur_a, train, lam)
-        score = relative_objective(w, cur_a @ cur_b, score_on)
-        if score < best[0]:
-            best = (score, step, cur_a, cur_b)
-            train_best = relative_objective(w, cur_a @ cur_b, train)
-    _, step, best_a, best_b = best
-    start = relative_objective(w, a0 @ b0, held) if held is not None else None
+        cur_a = fit.step_a(cur_b)
+        cur_b = fit.step_b(cur_a, factor)
+        value = score.relative(cur_a, cur_b)
+        if value < best[0]:
+            best = (value, step, cur_a, cur_b)
+    value, step, best_a, best_b = best
     return Compensation(
-        a=best_a.to(a.dtype), b=best_b.to(b.dtype), best_step=step, train_start=train_start, train_best=train_best,
-        holdout_start=start, holdout_best=best[0] if held is not None else None,
+        a=best_a.to(a.dtype), b=best_b.to(b.dtype), best_step=step, train_start=fit.relative(a0, b0),
+        train_best=fit.relative(best_a, best_b), holdout_start=start if held is not None else None,
+        holdout_best=value if held is not None else None,
     )

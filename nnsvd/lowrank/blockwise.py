@@ -765,7 +765,8 @@ def compensate_block(
 
     The layers are updated group by group in the order the block runs them (q/k/v, then o, …), each group
     from statistics taken after the groups before it changed: what it is fitted on is what it then reads.
-    Returns the record of ``reconstruct_block``'s form, plus each layer's best round.
+    Returns the record of ``reconstruct_block``'s form (without the training losses, which would cost two
+    more passes over the training batches), plus each layer's best round.
     """
     train, held = update.split(len(inputs))
     start = _relative_error(block, inputs, targets, held) if held else None
@@ -774,7 +775,6 @@ def compensate_block(
     if update.steps <= 0 or not held:
         return out
     closed = {n: (m.A.detach().clone(), m.B.detach().clone()) for n, m in layers.items()}
-    out["train_first"] = _relative_error(block, inputs, targets, train)
     for group in _input_groups(block, dense_block, list(layers), inputs, dense_hidden, train[0]):
         # statistics after the groups before it are updated: X̃ is what this group reads now
         train_grams = _paired_grams(block, dense_block, group, inputs, dense_hidden, train)
@@ -800,7 +800,6 @@ def compensate_block(
         return out
     out["holdout_best"] = end
     out["best_step"] = max(r["best_step"] for r in out["layers"].values())
-    out["train_last"] = _relative_error(block, inputs, targets, train)
     log.info("alternating update: held-out block output error %.4g → %.4g (%d rounds per layer, best rounds %s)",
              start, end, update.steps, sorted({r["best_step"] for r in out["layers"].values()}))
     return out

@@ -5,7 +5,8 @@ Run the sweep, then plot it (SmolLM2, whitening, 8–128 sequences of 1024 token
     NNSVD_DATA_ROOT=... python run.py -m model=smollm2 compress.method=whiten compress.ratio=0.2,0.4 \\
         calibration.samples=8,16,32,64,128 hydra.sweep.dir=outputs/multirun/calibration_curve
     python scripts/calibration_curve.py outputs/multirun/calibration_curve --out scripts/assets/calibration_curve
-    (several sweep directories are merged into one curve)
+    (several sweep directories are merged into one curve; --with OLD.json adds the points of an earlier
+    curve, for example a longer setting measured later: a (ratio, sequences) point measured again is replaced)
 
 Reads every job's results.json (jobs that did not finish ok are listed and left out), prints a
 Markdown table, and writes OUT.json (the figures) and OUT.png (two panels: test perplexity and
@@ -87,15 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, nargs="+", help="the multirun's hydra.sweep.dir (several: merged)")
     parser.add_argument("--out", type=Path, default=None, help="OUT.json and OUT.png (default: SWEEP_DIR/calibration_curve)")
+    parser.add_argument("--with", dest="earlier", type=Path, default=None,
+                        help="an earlier curve's OUT.json whose points join these (the sweeps' own win where both have one)")
     args = parser.parse_args(argv)
     points, failed, dense = [], [], None
+    if args.earlier is not None:
+        if not args.earlier.is_file():
+            print(f"calibration_curve: --with {args.earlier} does not exist", file=sys.stderr)
+            return 2
+        earlier = json.loads(args.earlier.read_text())
+        points, dense = earlier["points"], earlier.get("dense_test_ppl")
     for sweep in args.sweep_dir:
         if not sweep.is_dir():
             print(f"calibration_curve: sweep directory {sweep} does not exist", file=sys.stderr)
             return 2
         p, f, d = collect(sweep)
         points, failed, dense = points + p, failed + f, d if d is not None else dense
-    points.sort(key=lambda p: (p["ratio"], p["samples"]))
+    merged = {(p["ratio"], p["samples"]): p for p in points}  # later ones (the sweeps') replace earlier ones
+    points = sorted(merged.values(), key=lambda p: (p["ratio"], p["samples"]))
     if not points:
         print(f"calibration_curve: no finished compress job with calibration under {args.sweep_dir[0]}", file=sys.stderr)
         return 2

@@ -41,3 +41,17 @@ def test_the_curve_is_sorted_by_ratio_and_samples_and_leaves_out_failed_jobs(tmp
 def test_an_empty_sweep_exits_2(tmp_path):
     assert calibration_curve.main([str(tmp_path)]) == 2
     assert calibration_curve.main([str(tmp_path / "missing")]) == 2
+
+
+def test_an_earlier_curve_joins_the_sweep_and_a_point_measured_again_is_replaced(tmp_path):
+    first, later = tmp_path / "first", tmp_path / "later"
+    job(first, "0", 0.2, 8, 140.0)
+    job(first, "1", 0.2, 16, 100.0)
+    assert calibration_curve.main([str(first), "--out", str(tmp_path / "a")]) == 0
+    job(later, "0", 0.2, 128, 90.0)
+    job(later, "1", 0.2, 16, 99.0)  # measured again: this one counts
+    assert calibration_curve.main([str(later), "--with", str(tmp_path / "a.json"), "--out", str(tmp_path / "b")]) == 0
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert [(p["samples"], p["test_ppl"]) for p in saved["points"]] == [(8, 140.0), (16, 99.0), (128, 90.0)]
+    assert saved["dense_test_ppl"] == 24.0
+    assert calibration_curve.main([str(later), "--with", str(tmp_path / "missing.json")]) == 2

@@ -64,12 +64,6 @@ def objective(weight: Tensor, product: Tensor, grams: PairedGrams, lam: float = 
     return float(value + lam * m.square().sum())
 
 
-def relative_objective(weight: Tensor, product: Tensor, grams: PairedGrams) -> float:
-    """f / tr(W·G·Wᵀ) without ridge: the output error relative to the dense output energy."""
-    energy = float(((weight.double() @ grams.dense) * weight.double()).sum())
-    return objective(weight, product, grams) / max(energy, 1e-300)
-
-
 def _cholesky(matrix: Tensor) -> Tensor:
     """The lower Cholesky factor of a symmetric positive (semi)definite matrix, with a growing jitter if needed."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
@@ -88,16 +82,13 @@ def _spd_solve(matrix: Tensor, rhs: Tensor) -> Tensor:
 
 def step_a(weight: Tensor, b: Tensor, grams: PairedGrams, lam: float) -> Tensor:
     """argmin over A of f with B fixed: A = W·C·Bᵀ·(B·(G̃ + λI)·Bᵀ)⁻¹."""
-    g = grams.compressed + lam * torch.eye(b.shape[1], dtype=torch.float64, device=b.device)
-    rhs = (weight @ grams.cross @ b.T).T  # r×out
-    return _spd_solve(b @ g @ b.T, rhs).T
+    return _Problem(weight, grams, lam).step_a(b)
 
 
 def step_b(weight: Tensor, a: Tensor, grams: PairedGrams, lam: float) -> Tensor:
     """argmin over B of f with A fixed: B = (AᵀA)⁻¹·Aᵀ·W·C·(G̃ + λI)⁻¹."""
-    g = grams.compressed + lam * torch.eye(weight.shape[1], dtype=torch.float64, device=a.device)
-    left = _spd_solve(a.T @ a, a.T @ weight @ grams.cross)  # r×in: (AᵀA)⁻¹·Aᵀ·W·C
-    return _spd_solve(g, left.T).T  # (G̃ + λI) is symmetric: left·(G̃ + λI)⁻¹ = ((G̃ + λI)⁻¹·leftᵀ)ᵀ
+    problem = _Problem(weight, grams, lam)
+    return problem.step_b(a, _cholesky(problem.ridged))
 
 
 @dataclass

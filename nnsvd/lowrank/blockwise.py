@@ -720,7 +720,7 @@ def _paired_grams(
                     if owner is None:
                         owners.append(n)
                         if n not in grams:
-                            grams[n] = PairedGrams.zeros(dense_seen[n].shape[-1])
+                            grams[n] = PairedGrams.zeros(dense_seen[n].shape[-1], dense_seen[n].device)
                         grams[n].add(dense_seen[n], seen[n])
                     else:
                         grams.setdefault(n, grams[owner])

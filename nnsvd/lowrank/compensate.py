@@ -111,7 +111,7 @@ class _Problem:
         f = tr(W·G·Wᵀ) − 2·⟨Aᵀ·W·C, B⟩ + ⟨AᵀA, B·G̃·Bᵀ⟩      (no out×in product is formed)."""
 
     def __init__(self, weight: Tensor, grams: PairedGrams, lam: float = 0.0) -> None:
-        self.grams, self.lam = grams, lam
+        self.grams = grams
         self.wc = weight @ grams.cross
         self.energy = float(((weight @ grams.dense) * weight).sum())
         eye = torch.eye(weight.shape[1], dtype=torch.float64, device=weight.device)

@@ -79,7 +79,6 @@ def keep_dense_where_slower(model: nn.Module, tokens: int, repeats: int = 30, ti
             timings[key] = timer(layer, tokens, repeats)
         dense_s, factorized_s = timings[key]
         if factorized_s >= dense_s:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, dense_from_factors(layer))
+            model.set_submodule(name, dense_from_factors(layer))
             kept[name] = {"dense_us": round(dense_s * 1e6, 2), "factorized_us": round(factorized_s * 1e6, 2)}
     return kept
